@@ -1,0 +1,230 @@
+/**
+ * Configuration: the environment first, then a `.env` file (working directory,
+ * or beside the executable) for what the environment does not set. Read once
+ * into a frozen, typed object; no other module reads the environment.
+ */
+
+import dotenv from "dotenv";
+import { dirname, join } from "node:path";
+import { hostname } from "node:os";
+
+export type SslMode = "disable" | "require" | "verify-ca" | "verify-full";
+
+export interface DbConfig {
+  readonly host: string;
+  readonly port: number;
+  readonly user: string;
+  readonly password: string | undefined;
+  readonly database: string;
+  readonly sslMode: SslMode;
+  /** PEM text of the CA (read at start-up), when `PGSSLROOTCERT` is set. */
+  readonly ca: string | undefined;
+  readonly caPath: string | undefined;
+}
+
+export interface MqttConfig {
+  /** `mqtt://host:port` or `mqtts://host:port`. */
+  readonly url: string;
+  readonly topic: string;
+  readonly clientId: string;
+  readonly username: string | undefined;
+  readonly password: string | undefined;
+  readonly ca: string | undefined;
+  readonly cert: string | undefined;
+  readonly key: string | undefined;
+  readonly shareGroup: string | undefined;
+}
+
+export interface Config {
+  readonly env: "DEVELOPMENT" | "PRODUCTION";
+  readonly mqtt: MqttConfig;
+  readonly db: DbConfig;
+  /** Database holding "errorTable" and the dead letters. */
+  readonly errorsDb: DbConfig;
+  readonly schema: string;
+  readonly stateDir: string;
+  readonly spoolMaxBytes: number;
+  readonly batchMaxMessages: number;
+  readonly batchMaxWaitMs: number;
+  readonly logLevel: "debug" | "info" | "warn" | "error";
+  /** Where the settings came from, for the start-up log line. */
+  readonly envFile: string | undefined;
+}
+
+/** Thrown with every problem found, one per line, each naming its setting. */
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(problems.join("\n"));
+    this.name = "ConfigError";
+  }
+}
+
+/** Finds and parses the `.env` file; returns its variables and path. */
+export function readEnvFile(
+  candidates: string[] = defaultEnvFiles(),
+): { vars: Record<string, string>; path: string | undefined } {
+  for (const path of candidates) {
+    let text: string;
+    try {
+      text = Deno.readTextFileSync(path);
+    } catch (e) {
+      if (e instanceof Deno.errors.NotFound) continue;
+      throw new ConfigError([`cannot read ${path}: ${(e as Error).message}`]);
+    }
+    return { vars: dotenv.parse(text), path };
+  }
+  return { vars: {}, path: undefined };
+}
+
+function defaultEnvFiles(): string[] {
+  const files = [join(Deno.cwd(), ".env")];
+  // In a compiled binary, also look beside the executable.
+  if (Deno.build.standalone) files.push(join(dirname(Deno.execPath()), ".env"));
+  return files;
+}
+
+/**
+ * Builds the configuration from `env` (the process environment merged over
+ * the `.env` file) and the command line. Fails with every problem at once.
+ */
+export function loadConfig(
+  env: Record<string, string | undefined>,
+  args: readonly string[] = [],
+  envFile?: string,
+): Config {
+  const problems: string[] = [];
+  const get = (name: string): string | undefined => {
+    const v = env[name]?.trim();
+    return v === "" ? undefined : v;
+  };
+  const envName = (get("ENV") ?? "DEVELOPMENT").toUpperCase();
+  if (envName !== "DEVELOPMENT" && envName !== "PRODUCTION") {
+    problems.push(`ENV must be DEVELOPMENT or PRODUCTION (got "${envName}")`);
+  }
+  const production = envName === "PRODUCTION";
+  const required = (name: string, devDefault: string): string => {
+    const v = get(name);
+    if (v !== undefined) return v;
+    if (production) problems.push(`${name} is required when ENV=PRODUCTION`);
+    return devDefault;
+  };
+  const int = (name: string, fallback: number, min: number, max: number): number => {
+    const raw = get(name);
+    if (raw === undefined) return fallback;
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < min || n > max) {
+      problems.push(`${name} must be an integer from ${min} to ${max} (got "${raw}")`);
+      return fallback;
+    }
+    return n;
+  };
+  const file = (name: string): string | undefined => {
+    const path = get(name);
+    if (path === undefined) return undefined;
+    try {
+      return Deno.readTextFileSync(path);
+    } catch (e) {
+      problems.push(`${name}: cannot read ${path}: ${(e as Error).message}`);
+      return undefined;
+    }
+  };
+
+  // MQTT
+  const positional = args.filter((a) => !a.startsWith("-"));
+  if (positional.length > 1) problems.push("at most one argument (the channel) is accepted");
+  const channel = positional[0];
+  let topic = get("MQTT_TOPIC") ?? "ingest/stream/#";
+  if (channel !== undefined) {
+    if (!/^[A-Za-z0-9_-]+$/.test(channel)) problems.push(`invalid channel "${channel}"`);
+    topic = `ingest/stream/${channel}`;
+  }
+  const shareGroup = get("INGEST_SHARE_GROUP");
+  const mqttUrl = brokerUrl(required("INGEST_STREAM", "localhost"), problems);
+  const caFile = file("MQTT_CA");
+  const mqtt: MqttConfig = {
+    url: caFile && mqttUrl.startsWith("mqtt://") ? mqttUrl.replace("mqtt://", "mqtts://") : mqttUrl,
+    topic: shareGroup ? `$share/${shareGroup}/${topic}` : topic,
+    clientId: get("MQTT_CLIENT_ID") ?? `sif-stream-broker-${safeHostname()}`,
+    username: get("MQTT_USERNAME"),
+    password: get("MQTT_PASSWORD"),
+    ca: caFile,
+    cert: file("MQTT_CERT"),
+    key: file("MQTT_KEY"),
+    shareGroup,
+  };
+
+  // PostgreSQL
+  const caPath = get("PGSSLROOTCERT");
+  const ca = file("PGSSLROOTCERT");
+  const sslRaw = (get("PGSSLMODE") ?? (caPath ? "verify-full" : production ? "" : "disable"))
+    .toLowerCase();
+  let sslMode: SslMode = "disable";
+  if (["disable", "require", "verify-ca", "verify-full"].includes(sslRaw)) {
+    sslMode = sslRaw as SslMode;
+  } else if (sslRaw === "") {
+    problems.push("PGSSLROOTCERT (or PGSSLMODE) is required when ENV=PRODUCTION");
+  } else {
+    problems.push(`PGSSLMODE must be disable, require, verify-ca or verify-full (got "${sslRaw}")`);
+  }
+  if ((sslMode === "verify-ca" || sslMode === "verify-full") && !caPath) {
+    problems.push(`PGSSLMODE=${sslMode} needs PGSSLROOTCERT (the CA certificate)`);
+  }
+  const db: DbConfig = {
+    host: required("TS_HOST", "127.0.0.1"),
+    port: int("TS_PORT", 5432, 1, 65535),
+    user: required("TS_USER", "postgres"),
+    password: get("TS_PASSWD"),
+    database: required("TS_DATABASE", "postgres"),
+    sslMode,
+    ca,
+    caPath,
+  };
+  const errorsDb: DbConfig = { ...db, database: get("TS_DATABASE_ERRORS") ?? db.database };
+
+  const schema = get("TS_SCHEMA") ?? "public";
+  const level = (get("LOG_LEVEL") ?? "info").toLowerCase();
+  if (!["debug", "info", "warn", "error"].includes(level)) {
+    problems.push(`LOG_LEVEL must be debug, info, warn or error (got "${level}")`);
+  }
+  const config: Config = {
+    env: production ? "PRODUCTION" : "DEVELOPMENT",
+    mqtt,
+    db,
+    errorsDb,
+    schema,
+    stateDir: get("STATE_DIR") ?? get("STATE_DIRECTORY") ?? (production ? "" : "./data"),
+    spoolMaxBytes: int("SPOOL_MAX_BYTES", 1024 ** 3, 1024 * 1024, Number.MAX_SAFE_INTEGER),
+    batchMaxMessages: int("BATCH_MAX_MESSAGES", 2000, 1, 100_000),
+    batchMaxWaitMs: int("BATCH_MAX_WAIT_MS", 20, 0, 60_000),
+    logLevel: level as Config["logLevel"],
+    envFile,
+  };
+  if (config.stateDir === "") problems.push("STATE_DIR is required when ENV=PRODUCTION");
+  if (problems.length > 0) throw new ConfigError(problems);
+  return Object.freeze(config);
+}
+
+/** `host`, `host:port`, `mqtt://host:port` or `mqtts://host:port` → URL. */
+function brokerUrl(raw: string, problems: string[]): string {
+  const m = /^(?:(mqtts?):\/\/)?(\[[^\]]+\]|[^:/\s]+)(?::(\d+))?\/?$/.exec(raw);
+  if (!m) {
+    problems.push(`INGEST_STREAM must be host, host:port or mqtt(s)://host:port (got "${raw}")`);
+    return "mqtt://localhost:1883";
+  }
+  const scheme = m[1] ?? "mqtt";
+  const port = m[3] ?? (scheme === "mqtts" ? "8883" : "1883");
+  return `${scheme}://${m[2]}:${port}`;
+}
+
+function safeHostname(): string {
+  try {
+    return hostname().replace(/[^A-Za-z0-9_-]/g, "-");
+  } catch {
+    return "local";
+  }
+}
+
+/** The merged environment: process variables win over the `.env` file. */
+export function mergedEnv(fileVars: Record<string, string>): Record<string, string | undefined> {
+  return { ...fileVars, ...Deno.env.toObject() };
+}

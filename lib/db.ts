@@ -1,0 +1,101 @@
+/**
+ * PostgreSQL connections (postgres.js) built from the typed config. postgres.js
+ * ignores `PGSSLMODE` and `sslrootcert`, so the TLS options are mapped here.
+ */
+
+import postgres from "postgres";
+import type { DbConfig } from "./config.ts";
+
+export type Sql = postgres.Sql;
+export type Tx = postgres.TransactionSql;
+
+/** The TLS options for node:tls that match libpq's `sslmode`. */
+export function tlsOptions(cfg: DbConfig): false | Record<string, unknown> {
+  switch (cfg.sslMode) {
+    case "disable":
+      return false;
+    case "require":
+      // Encrypted but not verified, as libpq does without a root certificate.
+      return cfg.ca
+        ? { ca: cfg.ca, rejectUnauthorized: true, checkServerIdentity: () => undefined }
+        : { rejectUnauthorized: false };
+    case "verify-ca":
+      return { ca: cfg.ca, rejectUnauthorized: true, checkServerIdentity: () => undefined };
+    case "verify-full":
+      return { ca: cfg.ca, rejectUnauthorized: true };
+  }
+}
+
+/** Opens a lazy connection pool. `search_path` is pinned so nothing resolves elsewhere. */
+export function connect(cfg: DbConfig, max = 2): Sql {
+  return postgres({
+    host: cfg.host,
+    port: cfg.port,
+    user: cfg.user,
+    pass: cfg.password,
+    database: cfg.database,
+    ssl: tlsOptions(cfg) as postgres.Options<Record<string, never>>["ssl"],
+    max,
+    connect_timeout: 10,
+    idle_timeout: 0,
+    max_lifetime: 60 * 60,
+    prepare: true,
+    onnotice: () => {},
+    connection: {
+      application_name: "sif-stream-broker",
+      TimeZone: "UTC",
+      search_path: "pg_catalog",
+    },
+  });
+}
+
+/** `user@host:port/database (tls mode)`: what the log says it connects to. */
+export function describe(cfg: DbConfig): string {
+  return `${cfg.user}@${cfg.host}:${cfg.port}/${cfg.database} (sslmode ${cfg.sslMode})`;
+}
+
+/** SQLSTATE classes worth retrying: connection, resources, operator, locks, system. */
+const TRANSIENT_CLASSES = new Set(["08", "53", "57", "58", "40", "55", "25", "HV"]);
+const TRANSIENT_CODES = new Set([
+  "CONNECTION_CLOSED",
+  "CONNECTION_ENDED",
+  "CONNECTION_DESTROYED",
+  "CONNECT_TIMEOUT",
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "ETIMEDOUT",
+  "EPIPE",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+]);
+
+/**
+ * True when a database error may go away by itself (so the batch is retried),
+ * false when it is about the data (so the message is rejected). Unknown
+ * non-database errors count as transient only when they look like I/O.
+ */
+export function isTransient(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  const code = (err as { code?: unknown }).code;
+  if (err instanceof postgres.PostgresError) {
+    return TRANSIENT_CLASSES.has(String(code).slice(0, 2));
+  }
+  if (typeof code === "string" && (TRANSIENT_CODES.has(code) || code.startsWith("ERR_TLS"))) {
+    return true;
+  }
+  return /connect|socket|closed|timeout|TLS|certificate/i.test(err.message);
+}
+
+/** A short, safe description of a database error for logs and "errorTable". */
+export function errorText(err: unknown): string {
+  if (err instanceof postgres.PostgresError) return `${err.message} (SQLSTATE ${err.code})`;
+  if (err instanceof Error) {
+    const code = (err as { code?: unknown }).code;
+    return typeof code === "string" && !err.message.includes(code)
+      ? `${err.message} (${code})`
+      : err.message;
+  }
+  return String(err);
+}

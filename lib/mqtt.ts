@@ -1,0 +1,133 @@
+/**
+ * The MQTT side: a QoS 1 subscription on a persistent session. Each message
+ * is handed to `accept` (which makes it durable) before mqtt.js sends its
+ * PUBACK, so an acknowledged message is never only in memory.
+ */
+
+import mqtt from "mqtt";
+import type { MqttConfig } from "./config.ts";
+import { log } from "./log.ts";
+
+/** Makes a message durable; returns false to withhold the acknowledgement (full spool). */
+export type Accept = (topic: string, payload: Uint8Array) => boolean;
+
+export interface MqttEvents {
+  connected?(ok: boolean): void;
+  received?(): void;
+  /** The broker refused our credentials or authorization: not worth retrying. */
+  fatal?(reason: string): void;
+}
+
+/** Session expiry for MQTT 5: how long the broker keeps our queue while we are away. */
+export const SESSION_EXPIRY_SECONDS = 7 * 24 * 3600;
+
+/** CONNACK codes that mean "fix the configuration", for MQTT 3.1.1 and 5. */
+const AUTH_CODES = new Set([4, 5, 0x86, 0x87, 0x8c]);
+
+/** Connects and subscribes; reconnects with backoff and resubscribes by itself. */
+export function startMqtt(
+  cfg: MqttConfig,
+  accept: Accept,
+  events: MqttEvents = {},
+): mqtt.MqttClient {
+  const client = mqtt.connect(cfg.url, {
+    clientId: cfg.clientId,
+    clean: false,
+    protocolVersion: 5,
+    properties: { sessionExpiryInterval: SESSION_EXPIRY_SECONDS },
+    keepalive: 30,
+    reconnectPeriod: 1000,
+    connectTimeout: 10_000,
+    resubscribe: false,
+    username: cfg.username,
+    password: cfg.password,
+    ca: cfg.ca ? [cfg.ca] : undefined,
+    cert: cfg.cert,
+    key: cfg.key,
+    rejectUnauthorized: true,
+  });
+  let connected = false;
+  let backpressureSince = 0;
+  let lastError = "";
+  // Reconnect backoff: 1 s doubling to 30 s, reset once connected.
+  client.on("reconnect", () => {
+    client.options.reconnectPeriod = Math.min(30_000, (client.options.reconnectPeriod ?? 1000) * 2);
+  });
+
+  client.handleMessage = (packet, done) => {
+    events.received?.();
+    const topic = packet.topic;
+    const payload = packet.payload as Uint8Array;
+    const tryAccept = () => {
+      let ok: boolean;
+      try {
+        ok = accept(topic, payload);
+      } catch (e) {
+        // Disk error: do not acknowledge; the broker redelivers after reconnect.
+        log("error", "cannot spool message, not acknowledging", { topic, error: e });
+        client.end(true, () => client.reconnect());
+        return;
+      }
+      if (ok) {
+        if (backpressureSince) {
+          log("info", "spool has room again, acknowledging", {
+            waited_ms: Date.now() - backpressureSince,
+          });
+          backpressureSince = 0;
+        }
+        done();
+        return;
+      }
+      if (!backpressureSince) {
+        backpressureSince = Date.now();
+        log("error", "spool full: not acknowledging until the database catches up", { topic });
+      }
+      setTimeout(tryAccept, 100);
+    };
+    tryAccept();
+  };
+
+  client.on("connect", (connack) => {
+    connected = true;
+    lastError = "";
+    client.options.reconnectPeriod = 1000;
+    events.connected?.(true);
+    log("info", "broker connected", {
+      broker: cfg.url,
+      client_id: cfg.clientId,
+      session_present: connack.sessionPresent,
+    });
+    client.subscribe(cfg.topic, { qos: 1 }, (err, granted) => {
+      const code = granted?.[0]?.qos;
+      if (err || code === undefined || code >= 0x80) {
+        const reason = `subscription to ${cfg.topic} refused` +
+          (err ? `: ${err.message}` : ` (code ${code})`);
+        log("error", reason);
+        events.fatal?.(reason);
+        return;
+      }
+      log("info", "subscribed", { topic: cfg.topic, qos: code });
+    });
+  });
+  client.on("close", () => {
+    if (connected) {
+      connected = false;
+      events.connected?.(false);
+      log("warn", "broker connection lost, reconnecting", { broker: cfg.url });
+    }
+  });
+  client.on("error", (err) => {
+    const code = (err as { code?: number }).code;
+    if (typeof code === "number" && AUTH_CODES.has(code)) {
+      const reason = `broker refused the connection: ${err.message}`;
+      log("error", reason, { broker: cfg.url, client_id: cfg.clientId });
+      events.fatal?.(reason);
+      return;
+    }
+    if (err.message !== lastError) {
+      log("warn", "broker error", { broker: cfg.url, error: err.message });
+    }
+    lastError = err.message;
+  });
+  return client;
+}

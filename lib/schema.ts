@@ -1,0 +1,84 @@
+/**
+ * What app tables look like, read from the catalog and cached, so column and
+ * type errors are found before a statement is sent. A miss (unknown table or
+ * column) re-reads the catalog, at most once a second per table.
+ */
+
+import type { Sql } from "./db.ts";
+import type { ColumnInfo, ColumnKind, TableInfo } from "./translate.ts";
+
+const KINDS: Record<string, ColumnKind> = {
+  float8: "number",
+  float4: "number",
+  int2: "number",
+  int4: "number",
+  int8: "number",
+  numeric: "number",
+  varchar: "text",
+  text: "text",
+  bpchar: "text",
+  bool: "boolean",
+  timestamptz: "timestamp",
+  timestamp: "timestamp",
+};
+
+interface Entry {
+  info: TableInfo | null;
+  readAt: number;
+}
+
+export class SchemaCache {
+  readonly #entries = new Map<string, Entry>();
+
+  constructor(
+    private readonly sql: Sql,
+    readonly schema: string,
+    private readonly minRefreshMs = 1000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** The table's columns, or null when it does not exist; cached. */
+  async get(table: string): Promise<TableInfo | null> {
+    const hit = this.#entries.get(table);
+    if (hit && (hit.info !== null || this.now() - hit.readAt < this.minRefreshMs)) return hit.info;
+    return await this.#read(table);
+  }
+
+  /** Re-reads the table when the cached copy is older than the refresh interval. */
+  async refresh(table: string): Promise<TableInfo | null> {
+    const hit = this.#entries.get(table);
+    if (hit && this.now() - hit.readAt < this.minRefreshMs) return hit.info;
+    return await this.#read(table);
+  }
+
+  /** Forgets a table (after a statement failed on it). */
+  invalidate(table: string): void {
+    this.#entries.delete(table);
+  }
+
+  async #read(table: string): Promise<TableInfo | null> {
+    const rows = await this.sql.unsafe<{ name: string; type: string; typmod: number }[]>(
+      `SELECT a.attname AS name, t.typname AS type, a.atttypmod AS typmod
+         FROM pg_catalog.pg_attribute a
+         JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
+          AND a.attnum > 0 AND NOT a.attisdropped`,
+      [this.schema, table],
+      { prepare: true },
+    );
+    let info: TableInfo | null = null;
+    if (rows.length > 0) {
+      const columns = new Map<string, ColumnInfo>();
+      for (const r of rows) {
+        const kind = KINDS[r.type] ?? "other";
+        const sized = (r.type === "varchar" || r.type === "bpchar") && r.typmod > 4;
+        columns.set(r.name, { kind, maxChars: sized ? r.typmod - 4 : null });
+      }
+      info = { schema: this.schema, table, columns };
+    }
+    this.#entries.set(table, { info, readAt: this.now() });
+    return info;
+  }
+}

@@ -1,0 +1,127 @@
+/**
+ * The local spool: every message is appended here (durable on disk) before it
+ * is acknowledged to the broker, and the writer drains it in order. SQLite in
+ * WAL mode through `node:sqlite`; the database outlives crashes and restarts.
+ */
+
+import { DatabaseSync, type StatementSync } from "node:sqlite";
+import { join } from "node:path";
+
+export interface SpoolEntry {
+  readonly seq: number;
+  readonly topic: string;
+  readonly payload: Uint8Array;
+  /** Receive time, milliseconds since the epoch. */
+  readonly receivedAt: number;
+}
+
+export interface SpoolOptions {
+  /** `full` also survives power loss; `normal` survives a crash of the process. */
+  readonly sync?: "normal" | "full";
+}
+
+export class Spool {
+  /** Random id of this spool file; with `seq` it names a message uniquely. */
+  readonly epoch: string;
+  readonly #db: DatabaseSync;
+  readonly #insert: StatementSync;
+  readonly #read: StatementSync;
+  readonly #delete: StatementSync;
+  readonly #deleted: StatementSync;
+  #bytes = 0;
+  #count = 0;
+
+  private constructor(readonly path: string, options: SpoolOptions) {
+    this.#db = new DatabaseSync(path);
+    this.#db.exec(`PRAGMA journal_mode = WAL;
+      PRAGMA synchronous = ${options.sync === "full" ? "FULL" : "NORMAL"};
+      CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+      CREATE TABLE IF NOT EXISTS messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL);`);
+    this.#db.prepare("INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?)")
+      .run(crypto.randomUUID());
+    const row = this.#db.prepare("SELECT value FROM meta WHERE key = 'epoch'").get() as {
+      value: string;
+    };
+    this.epoch = row.value;
+    this.#insert = this.#db.prepare(
+      "INSERT INTO messages (received_at, topic, payload) VALUES (?, ?, ?)",
+    );
+    this.#read = this.#db.prepare(
+      "SELECT seq, received_at, topic, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+    );
+    this.#delete = this.#db.prepare("DELETE FROM messages WHERE seq <= ?");
+    this.#deleted = this.#db.prepare(
+      "SELECT count(*) AS n, coalesce(sum(length(payload) + length(topic)), 0) AS b " +
+        "FROM messages WHERE seq <= ?",
+    );
+    const totals = this.#db.prepare(
+      "SELECT count(*) AS n, coalesce(sum(length(payload) + length(topic)), 0) AS b FROM messages",
+    ).get() as { n: number; b: number };
+    this.#count = totals.n;
+    this.#bytes = totals.b;
+  }
+
+  /** Opens (or creates) the spool in `dir`. */
+  static open(dir: string, options: SpoolOptions = {}): Spool {
+    Deno.mkdirSync(dir, { recursive: true });
+    return new Spool(join(dir, "spool.sqlite"), options);
+  }
+
+  /** Appends one message durably; returns its sequence number. */
+  append(topic: string, payload: Uint8Array, receivedAt: number): number {
+    const r = this.#insert.run(receivedAt, topic, payload);
+    this.#count++;
+    this.#bytes += payload.length + topic.length;
+    return Number(r.lastInsertRowid);
+  }
+
+  /** Up to `limit` messages after `afterSeq`, oldest first. */
+  read(afterSeq: number, limit: number): SpoolEntry[] {
+    const rows = this.#read.all(afterSeq, limit) as {
+      seq: number;
+      received_at: number;
+      topic: string;
+      payload: Uint8Array;
+    }[];
+    return rows.map((r) => ({
+      seq: r.seq,
+      topic: r.topic,
+      payload: r.payload,
+      receivedAt: r.received_at,
+    }));
+  }
+
+  /** Removes every message up to and including `seq` (it is committed). */
+  deleteThrough(seq: number): void {
+    const gone = this.#deleted.get(seq) as { n: number; b: number };
+    this.#delete.run(seq);
+    this.#count -= gone.n;
+    this.#bytes -= gone.b;
+  }
+
+  /** Messages waiting. */
+  get count(): number {
+    return this.#count;
+  }
+
+  /** Approximate bytes waiting (payloads and topics). */
+  get bytes(): number {
+    return this.#bytes;
+  }
+
+  /** Receive time of the oldest waiting message, or null when empty. */
+  oldestReceivedAt(): number | null {
+    const row = this.#db.prepare("SELECT received_at FROM messages ORDER BY seq LIMIT 1").get() as
+      | { received_at: number }
+      | undefined;
+    return row?.received_at ?? null;
+  }
+
+  close(): void {
+    this.#db.close();
+  }
+}

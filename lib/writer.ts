@@ -1,0 +1,352 @@
+/**
+ * The writer drains the spool into PostgreSQL: in order, in batches, one
+ * transaction per batch that also records the spool position it covers, so a
+ * restart never writes a message twice. Transient database errors are retried
+ * with capped backoff; a permanent error splits the batch until only the bad
+ * messages are left, and those are rejected.
+ */
+
+import { errorText, isTransient, type Sql, type Tx } from "./db.ts";
+import { qualified } from "./ident.ts";
+import { parseMessage } from "./ir.ts";
+import { log } from "./log.ts";
+import { reject } from "./rejection.ts";
+import type { RejectedMessage, RejectStore } from "./rejects.ts";
+import type { SchemaCache } from "./schema.ts";
+import type { Spool, SpoolEntry } from "./spool.ts";
+import { buildInsert, mergeInto, type RowGroup, translate } from "./translate.ts";
+
+/** The table that records how far each client's spool is committed. */
+export const PROGRESS_TABLE = "sif_stream_progress";
+/** Rows per INSERT statement; arrays of this size keep memory and latency small. */
+export const ROWS_PER_STATEMENT = 5000;
+
+/** Hooks for metrics; every field optional. */
+export interface WriterEvents {
+  batch?(info: { messages: number; rows: number; rejected: number; seconds: number }): void;
+  rejected?(reason: string): void;
+  database?(ok: boolean): void;
+}
+
+export interface WriterOptions {
+  readonly spool: Spool;
+  readonly sql: Sql;
+  /** The errors database; the same object as `sql` when it is the same database. */
+  readonly errorsSql: Sql;
+  readonly schema: SchemaCache;
+  readonly rejects: RejectStore;
+  readonly clientId: string;
+  readonly batchMaxMessages: number;
+  readonly batchMaxWaitMs: number;
+  readonly events?: WriterEvents;
+  /** Longest wait between retries. */
+  readonly maxBackoffMs?: number;
+}
+
+/** A spooled message after parsing and translation. */
+type Prepared =
+  | { entry: SpoolEntry; ok: true; groups: RowGroup[]; rows: number; table: string }
+  | { entry: SpoolEntry; ok: false; rejected: RejectedMessage };
+
+class Stopped extends Error {}
+
+export class Writer {
+  #lastSeq = 0;
+  #wake: (() => void) | null = null;
+  #stopAt = Infinity;
+  #stopping = false;
+  #dbOk: boolean | null = null;
+  #running: Promise<void> | null = null;
+  readonly #o: WriterOptions;
+  readonly #progress: string;
+
+  constructor(options: WriterOptions) {
+    this.#o = options;
+    this.#progress = qualified(options.schema.schema, PROGRESS_TABLE);
+  }
+
+  /** Starts draining in the background; resolves when stopped. */
+  start(): Promise<void> {
+    this.#running ??= this.#run();
+    return this.#running;
+  }
+
+  /** Tells the writer that new messages are in the spool. */
+  notify(): void {
+    this.#wake?.();
+  }
+
+  /** True while the last database operation succeeded. */
+  get databaseOk(): boolean {
+    return this.#dbOk === true;
+  }
+
+  /**
+   * Writes what is pending, then stops. Gives up at `deadlineMs` from now
+   * (the spool keeps the rest). Resolves true when the spool was drained.
+   */
+  async stop(deadlineMs: number): Promise<boolean> {
+    this.#stopping = true;
+    this.#stopAt = Date.now() + deadlineMs;
+    this.#wake?.();
+    await this.start().catch(() => {});
+    return this.#o.spool.count === 0;
+  }
+
+  async #run(): Promise<void> {
+    try {
+      await this.#retrying("prepare database", () => this.#init());
+      for (;;) {
+        let entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
+        if (entries.length === 0) {
+          if (this.#stopping) return;
+          await this.#sleep(Infinity);
+          continue;
+        }
+        if (entries.length < this.#o.batchMaxMessages && !this.#stopping) {
+          // Small batch: give it a moment to fill, bounded by the oldest message's age.
+          const wait = entries[0]!.receivedAt + this.#o.batchMaxWaitMs - Date.now();
+          if (wait > 0) {
+            await this.#sleep(wait);
+            entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
+          }
+        }
+        await this.#retrying("write batch", () => this.#write(entries));
+      }
+    } catch (e) {
+      if (!(e instanceof Stopped)) throw e;
+    }
+  }
+
+  /** Creates the service's tables and skips what a previous run already committed. */
+  async #init(): Promise<void> {
+    const { sql, errorsSql, rejects, spool, clientId } = this.#o;
+    await rejects.ensureTables(errorsSql);
+    await sql.unsafe(`CREATE TABLE IF NOT EXISTS ${this.#progress} (
+      client_id TEXT PRIMARY KEY,
+      spool_epoch TEXT NOT NULL,
+      last_seq BIGINT NOT NULL,
+      updated_at TIMESTAMPTZ NOT NULL DEFAULT now())`);
+    const rows = await sql.unsafe<{ spool_epoch: string; last_seq: string }[]>(
+      `SELECT spool_epoch, last_seq FROM ${this.#progress} WHERE client_id = $1`,
+      [clientId],
+    );
+    const row = rows[0];
+    if (row && row.spool_epoch === spool.epoch) {
+      this.#lastSeq = Number(row.last_seq);
+      const before = spool.count;
+      spool.deleteThrough(this.#lastSeq);
+      if (before !== spool.count) {
+        log("info", "skipped spooled messages already committed", {
+          messages: before - spool.count,
+        });
+      }
+    }
+  }
+
+  /** Runs `op` until it succeeds, retrying transient errors with capped backoff. */
+  async #retrying(what: string, op: () => Promise<void>): Promise<void> {
+    for (let attempt = 0;; attempt++) {
+      try {
+        await op();
+        this.#setDb(true);
+        return;
+      } catch (e) {
+        if (e instanceof Stopped) throw e;
+        const transient = isTransient(e);
+        const cap = this.#o.maxBackoffMs ?? 30_000;
+        const delay = Math.min(cap, 250 * 2 ** Math.min(attempt, 20)) * (0.5 + Math.random() / 2);
+        this.#setDb(false, what, e, delay);
+        if (!transient) log("error", `cannot ${what}`, { error: errorText(e), attempt });
+        if (this.#stopping && Date.now() + delay > this.#stopAt) throw new Stopped();
+        await this.#sleep(delay, true);
+      }
+    }
+  }
+
+  #setDb(ok: boolean, what = "", err?: unknown, retryMs = 0): void {
+    if (this.#dbOk === ok) return;
+    this.#dbOk = ok;
+    this.#o.events?.database?.(ok);
+    if (ok) log("info", "database available");
+    else {
+      log("warn", "database unavailable, retrying", {
+        during: what,
+        error: errorText(err),
+        retry_in_ms: Math.round(retryMs),
+      });
+    }
+  }
+
+  #sleep(ms: number, evenIfStopping = false): Promise<void> {
+    if (this.#stopping && !evenIfStopping) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = Number.isFinite(ms) ? setTimeout(done, ms) : undefined;
+      const self = this;
+      function done() {
+        clearTimeout(timer);
+        if (self.#wake === done) self.#wake = null;
+        resolve();
+      }
+      this.#wake = done;
+    });
+  }
+
+  async #write(entries: SpoolEntry[]): Promise<void> {
+    const started = performance.now();
+    const prepared: Prepared[] = [];
+    for (const entry of entries) prepared.push(await this.#prepare(entry));
+    const { rows, rejected } = await this.#commitOrSplit(prepared);
+    this.#o.events?.batch?.({
+      messages: entries.length,
+      rows,
+      rejected,
+      seconds: (performance.now() - started) / 1000,
+    });
+  }
+
+  async #prepare(entry: SpoolEntry): Promise<Prepared> {
+    const parsed = parseMessage(entry.payload);
+    if (!parsed.ok) return this.#rejected(entry, parsed.rejection);
+    const { schema } = this.#o;
+    const table = parsed.message.appId;
+    let t = translate(parsed.message, await schema.get(table));
+    if (!t.ok && t.missingColumn) t = translate(parsed.message, await schema.refresh(table));
+    if (!t.ok) return this.#rejected(entry, t.rejection);
+    return { entry, ok: true, groups: t.groups, rows: t.rows, table };
+  }
+
+  #rejected(entry: SpoolEntry, rejection: RejectedMessage["rejection"]): Prepared {
+    return {
+      entry,
+      ok: false,
+      rejected: {
+        rejection,
+        topic: entry.topic,
+        payload: entry.payload,
+        receivedAt: entry.receivedAt,
+        seq: entry.seq,
+      },
+    };
+  }
+
+  /** Commits `prepared`; on a permanent error, halves it until the bad messages are alone. */
+  async #commitOrSplit(prepared: Prepared[]): Promise<{ rows: number; rejected: number }> {
+    try {
+      return await this.#commit(prepared);
+    } catch (e) {
+      if (isTransient(e) || e instanceof Stopped) throw e;
+      if (prepared.length > 1) {
+        const mid = prepared.length >> 1;
+        const a = await this.#commitOrSplit(prepared.slice(0, mid));
+        const b = await this.#commitOrSplit(prepared.slice(mid));
+        return { rows: a.rows + b.rows, rejected: a.rejected + b.rejected };
+      }
+      const one = prepared[0]!;
+      if (!one.ok) throw e; // recording the rejection itself failed: nothing to split
+      // The table may have changed under the cache: look again, once.
+      this.#o.schema.invalidate(one.table);
+      const again = await this.#prepare(one.entry);
+      if (again.ok) {
+        try {
+          return await this.#commit([again]);
+        } catch (e2) {
+          if (isTransient(e2)) throw e2;
+          e = e2;
+        }
+      }
+      const parsed = parseMessage(one.entry.payload);
+      const appId = parsed.ok ? parsed.message.appId : "";
+      const device = parsed.ok ? parsed.message.readings[0]?.device ?? "" : "";
+      const final = again.ok
+        ? this.#rejected(
+          one.entry,
+          reject(`database rejected the row: ${errorText(e)}`, appId, device),
+        )
+        : again;
+      return await this.#commit([final]);
+    }
+  }
+
+  async #commit(prepared: Prepared[]): Promise<{ rows: number; rejected: number }> {
+    const { sql, errorsSql, rejects, spool, clientId } = this.#o;
+    const merged = new Map<string, RowGroup>();
+    const rejected: RejectedMessage[] = [];
+    let rows = 0;
+    for (const p of prepared) {
+      if (!p.ok) {
+        rejected.push(p.rejected);
+        continue;
+      }
+      rows += p.rows;
+      for (const g of p.groups) {
+        const into = merged.get(g.key);
+        if (into) mergeInto(into, g);
+        else merged.set(g.key, copyGroup(g));
+      }
+    }
+    const last = prepared[prepared.length - 1]!.entry.seq;
+    const separateErrors = errorsSql !== sql;
+    // In a separate errors database the dead letters are keyed by spool
+    // position, so recording them again after a failed commit is a no-op.
+    if (separateErrors) await rejects.record(errorsSql, rejected);
+    await sql.begin(async (tx: Tx) => {
+      for (const group of merged.values()) {
+        for (const part of chunks(group, ROWS_PER_STATEMENT)) {
+          const stmt = buildInsert(part);
+          await tx.unsafe(stmt.text, stmt.values as never[], { prepare: true });
+        }
+      }
+      if (!separateErrors) await rejects.record(tx, rejected);
+      await tx.unsafe(
+        `INSERT INTO ${this.#progress} (client_id, spool_epoch, last_seq, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (client_id) DO UPDATE
+           SET spool_epoch = EXCLUDED.spool_epoch, last_seq = EXCLUDED.last_seq,
+               updated_at = EXCLUDED.updated_at`,
+        [clientId, spool.epoch, last],
+        { prepare: true },
+      );
+    });
+    spool.deleteThrough(last);
+    this.#lastSeq = last;
+    for (const r of rejected) {
+      const { rejection } = r;
+      this.#o.events?.rejected?.(rejection.reason);
+      log("warn", "message rejected", {
+        app_id: rejection.appId,
+        device: rejection.device,
+        topic: r.topic,
+        error: rejection.reason,
+      });
+    }
+    return { rows, rejected: rejected.length };
+  }
+}
+
+function copyGroup(g: RowGroup): RowGroup {
+  return {
+    ...g,
+    times: [...g.times],
+    metrics: [...g.metrics],
+    values: [...g.values],
+    cells: g.cells.map((c) => [...c]),
+  };
+}
+
+/** Splits a group into parts of at most `size` rows. */
+function* chunks(g: RowGroup, size: number): Generator<RowGroup> {
+  if (g.times.length <= size) {
+    yield g;
+    return;
+  }
+  for (let i = 0; i < g.times.length; i += size) {
+    yield {
+      ...g,
+      times: g.times.slice(i, i + size),
+      metrics: g.metrics.slice(i, i + size),
+      values: g.values.slice(i, i + size),
+      cells: g.cells.map((c) => c.slice(i, i + size)),
+    };
+  }
+}

@@ -1,0 +1,130 @@
+/**
+ * sif-stream-broker: IR messages from MQTT into PostgreSQL/TimescaleDB.
+ * Loads the configuration, wires the parts and owns the lifecycle.
+ */
+
+import { ConfigError, loadConfig, mergedEnv, readEnvFile } from "./lib/config.ts";
+import { connect, describe } from "./lib/db.ts";
+import { log, setLogLevel } from "./lib/log.ts";
+import { startMqtt } from "./lib/mqtt.ts";
+import { RejectStore } from "./lib/rejects.ts";
+import { SchemaCache } from "./lib/schema.ts";
+import { Spool } from "./lib/spool.ts";
+import { Writer } from "./lib/writer.ts";
+import { VERSION } from "./lib/version.ts";
+
+/** How long shutdown may spend writing what is pending. */
+const SHUTDOWN_DEADLINE_MS = 20_000;
+
+async function main(args: string[]): Promise<number> {
+  if (args.includes("--version")) {
+    console.log(`sif-stream-broker ${VERSION}`);
+    return 0;
+  }
+  if (args.includes("--help") || args.includes("-h")) {
+    console.log(HELP);
+    return 0;
+  }
+  let config;
+  try {
+    const file = readEnvFile();
+    config = loadConfig(mergedEnv(file.vars), args, file.path);
+  } catch (e) {
+    if (!(e instanceof ConfigError)) throw e;
+    for (const problem of e.problems) log("error", "configuration: " + problem);
+    return 2;
+  }
+  setLogLevel(config.logLevel);
+  log("info", "starting", {
+    version: VERSION,
+    env: config.env,
+    env_file: config.envFile ?? null,
+    broker: config.mqtt.url,
+    topic: config.mqtt.topic,
+    database: describe(config.db),
+    errors_database: config.errorsDb.database,
+    state_dir: config.stateDir,
+  });
+
+  const spool = Spool.open(config.stateDir);
+  if (spool.count > 0) {
+    log("info", "spool has messages from a previous run", { messages: spool.count });
+  }
+  const sql = connect(config.db);
+  const errorsSql = config.errorsDb.database === config.db.database
+    ? sql
+    : connect(config.errorsDb);
+  const writer = new Writer({
+    spool,
+    sql,
+    errorsSql,
+    schema: new SchemaCache(sql, config.schema),
+    rejects: new RejectStore(config.schema, `${config.mqtt.clientId}/${spool.epoch}`),
+    clientId: config.mqtt.clientId,
+    batchMaxMessages: config.batchMaxMessages,
+    batchMaxWaitMs: config.batchMaxWaitMs,
+  });
+  const writing = writer.start();
+
+  let fatal: string | null = null;
+  let stopRequested: (() => void) | null = null;
+  const stopped = new Promise<void>((resolve) => (stopRequested = resolve));
+  const client = startMqtt(config.mqtt, (topic, payload) => {
+    if (spool.bytes >= config.spoolMaxBytes) return false;
+    spool.append(topic, payload, Date.now());
+    writer.notify();
+    return true;
+  }, {
+    fatal(reason) {
+      fatal = reason;
+      stopRequested?.();
+    },
+  });
+
+  let firstSignalAt = 0;
+  const onSignal = (name: Deno.Signal) => () => {
+    // A task runner or systemd's control group may deliver the same signal
+    // twice at once; only a second signal a moment later means "exit now".
+    if (firstSignalAt && Date.now() - firstSignalAt < 1000) return;
+    if (firstSignalAt) {
+      log("warn", "second signal: exiting now, the spool keeps what is pending", { signal: name });
+      Deno.exit(130);
+    }
+    firstSignalAt = Date.now();
+    log("info", "stopping", { signal: name });
+    stopRequested?.();
+  };
+  Deno.addSignalListener("SIGTERM", onSignal("SIGTERM"));
+  Deno.addSignalListener("SIGINT", onSignal("SIGINT"));
+
+  await Promise.race([stopped, writing]);
+  // Stop taking messages first, then write what is pending.
+  await client.endAsync(true).catch(() => {});
+  const drained = await writer.stop(SHUTDOWN_DEADLINE_MS);
+  await Promise.allSettled([sql.end({ timeout: 5 }), errorsSql.end({ timeout: 5 })]);
+  spool.close();
+  log(drained ? "info" : "warn", "stopped", { pending_in_spool: spool.count });
+  if (fatal) return 1;
+  return 0;
+}
+
+const HELP = `sif-stream-broker ${VERSION}: IR messages from MQTT into PostgreSQL/TimescaleDB
+
+Usage: sif-stream-broker [channel]
+  channel     subscribe to ingest/stream/<channel> only (default: ingest/stream/#)
+  --help      this text
+  --version   the version
+
+Settings come from the environment, then from .env in the working directory
+(or beside the executable). See .env.example for all of them:
+  ENV                  DEVELOPMENT (default) or PRODUCTION
+  INGEST_STREAM        MQTT broker: host, host:port, mqtt://host:port, mqtts://host:port
+  TS_HOST TS_PORT TS_USER TS_PASSWD TS_DATABASE   PostgreSQL connection
+  TS_DATABASE_ERRORS   database holding "errorTable" (default TS_DATABASE)
+  PGSSLROOTCERT        CA certificate for TLS to PostgreSQL (sslmode verify-full)
+  PGSSLMODE            disable | require | verify-ca | verify-full
+  STATE_DIR            folder of the local spool (default ./data in development)`;
+
+if (import.meta.main) {
+  Deno.exit(await main(Deno.args));
+}
