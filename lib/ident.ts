@@ -15,7 +15,7 @@ export function identifierProblem(name: string): string | null {
   if (name.includes("\0")) return "contains a NUL character";
   if (!name.isWellFormed()) return "is not valid Unicode";
   // Fast path: an ASCII name of at most 63 characters is at most 63 bytes.
-  if (name.length <= MAX_IDENTIFIER_BYTES && /^[\x01-\x7f]*$/.test(name)) return null;
+  if (name.length <= MAX_IDENTIFIER_BYTES && /^[ -~]*$/.test(name)) return null;
   const bytes = encoder.encode(name).length;
   if (bytes > MAX_IDENTIFIER_BYTES) {
     return `is ${bytes} bytes long (PostgreSQL allows ${MAX_IDENTIFIER_BYTES})`;

@@ -181,13 +181,13 @@ export class Writer {
   #sleep(ms: number, evenIfStopping = false): Promise<void> {
     if (this.#stopping && !evenIfStopping) return Promise.resolve();
     return new Promise((resolve) => {
-      const timer = Number.isFinite(ms) ? setTimeout(done, ms) : undefined;
-      const self = this;
-      function done() {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const done = () => {
         clearTimeout(timer);
-        if (self.#wake === done) self.#wake = null;
+        if (this.#wake === done) this.#wake = null;
         resolve();
-      }
+      };
+      if (Number.isFinite(ms)) timer = setTimeout(done, ms);
       this.#wake = done;
     });
   }
@@ -234,7 +234,8 @@ export class Writer {
   async #commitOrSplit(prepared: Prepared[]): Promise<{ rows: number; rejected: number }> {
     try {
       return await this.#commit(prepared);
-    } catch (e) {
+    } catch (firstError) {
+      let e = firstError;
       if (isTransient(e) || e instanceof Stopped) throw e;
       if (prepared.length > 1) {
         const mid = prepared.length >> 1;
