@@ -4,13 +4,9 @@
  */
 
 import { ConfigError, loadConfig, mergedEnv, readEnvFile } from "./lib/config.ts";
-import { connect, describe } from "./lib/db.ts";
+import { describe } from "./lib/db.ts";
 import { log, setLogLevel } from "./lib/log.ts";
-import { startMqtt } from "./lib/mqtt.ts";
-import { RejectStore } from "./lib/rejects.ts";
-import { SchemaCache } from "./lib/schema.ts";
-import { Spool } from "./lib/spool.ts";
-import { Writer } from "./lib/writer.ts";
+import { startService } from "./lib/service.ts";
 import { VERSION } from "./lib/version.ts";
 
 /** How long shutdown may spend writing what is pending. */
@@ -46,40 +42,9 @@ async function main(args: string[]): Promise<number> {
     state_dir: config.stateDir,
   });
 
-  const spool = Spool.open(config.stateDir);
-  if (spool.count > 0) {
-    log("info", "spool has messages from a previous run", { messages: spool.count });
-  }
-  const sql = connect(config.db);
-  const errorsSql = config.errorsDb.database === config.db.database
-    ? sql
-    : connect(config.errorsDb);
-  const writer = new Writer({
-    spool,
-    sql,
-    errorsSql,
-    schema: new SchemaCache(sql, config.schema),
-    rejects: new RejectStore(config.schema, `${config.mqtt.clientId}/${spool.epoch}`),
-    clientId: config.mqtt.clientId,
-    batchMaxMessages: config.batchMaxMessages,
-    batchMaxWaitMs: config.batchMaxWaitMs,
-  });
-  const writing = writer.start();
-
-  let fatal: string | null = null;
+  const service = startService(config);
   let stopRequested: (() => void) | null = null;
   const stopped = new Promise<void>((resolve) => (stopRequested = resolve));
-  const client = startMqtt(config.mqtt, (topic, payload) => {
-    if (spool.bytes >= config.spoolMaxBytes) return false;
-    spool.append(topic, payload, Date.now());
-    writer.notify();
-    return true;
-  }, {
-    fatal(reason) {
-      fatal = reason;
-      stopRequested?.();
-    },
-  });
 
   let firstSignalAt = 0;
   const onSignal = (name: Deno.Signal) => () => {
@@ -97,15 +62,10 @@ async function main(args: string[]): Promise<number> {
   Deno.addSignalListener("SIGTERM", onSignal("SIGTERM"));
   Deno.addSignalListener("SIGINT", onSignal("SIGINT"));
 
-  await Promise.race([stopped, writing]);
-  // Stop taking messages first, then write what is pending.
-  await client.endAsync(true).catch(() => {});
-  const drained = await writer.stop(SHUTDOWN_DEADLINE_MS);
-  await Promise.allSettled([sql.end({ timeout: 5 }), errorsSql.end({ timeout: 5 })]);
-  spool.close();
-  log(drained ? "info" : "warn", "stopped", { pending_in_spool: spool.count });
-  if (fatal) return 1;
-  return 0;
+  const fatal = await Promise.race([stopped.then(() => null), service.fatal]);
+  const { drained, pending } = await service.stop(SHUTDOWN_DEADLINE_MS);
+  log(drained ? "info" : "warn", "stopped", { pending_in_spool: pending });
+  return fatal ? 1 : 0;
 }
 
 const HELP = `sif-stream-broker ${VERSION}: IR messages from MQTT into PostgreSQL/TimescaleDB
