@@ -20,6 +20,8 @@ export interface DbConfig {
   /** PEM text of the CA (read at start-up), when `PGSSLROOTCERT` is set. */
   readonly ca: string | undefined;
   readonly caPath: string | undefined;
+  /** False when TS_HOST was unset and the development default is used. */
+  readonly explicit: boolean;
 }
 
 export interface MqttConfig {
@@ -33,6 +35,8 @@ export interface MqttConfig {
   readonly cert: string | undefined;
   readonly key: string | undefined;
   readonly shareGroup: string | undefined;
+  /** False when INGEST_STREAM was unset and the development default is used. */
+  readonly explicit: boolean;
 }
 
 export interface Config {
@@ -47,6 +51,13 @@ export interface Config {
   readonly batchMaxMessages: number;
   readonly batchMaxWaitMs: number;
   readonly logLevel: "debug" | "info" | "warn" | "error";
+  /** `normal` survives a crash of the process; `full` also a power loss. */
+  readonly spoolSync: "normal" | "full";
+  /** Health, readiness and metrics; port 0 turns the HTTP server off. */
+  readonly httpHost: string;
+  readonly httpPort: number;
+  /** Create missing app tables (development default), see lib/provision.ts. */
+  readonly autoCreateTables: boolean;
   /** Where the settings came from, for the start-up log line. */
   readonly envFile: string | undefined;
 }
@@ -118,6 +129,14 @@ export function loadConfig(
     }
     return n;
   };
+  const bool = (name: string, fallback: boolean): boolean => {
+    const raw = get(name)?.toLowerCase();
+    if (raw === undefined) return fallback;
+    if (["1", "true", "yes", "on"].includes(raw)) return true;
+    if (["0", "false", "no", "off"].includes(raw)) return false;
+    problems.push(`${name} must be true or false (got "${raw}")`);
+    return fallback;
+  };
   const file = (name: string): string | undefined => {
     const path = get(name);
     if (path === undefined) return undefined;
@@ -151,6 +170,7 @@ export function loadConfig(
     cert: file("MQTT_CERT"),
     key: file("MQTT_KEY"),
     shareGroup,
+    explicit: get("INGEST_STREAM") !== undefined,
   };
 
   // PostgreSQL
@@ -178,6 +198,7 @@ export function loadConfig(
     sslMode,
     ca,
     caPath,
+    explicit: get("TS_HOST") !== undefined,
   };
   const errorsDb: DbConfig = { ...db, database: get("TS_DATABASE_ERRORS") ?? db.database };
 
@@ -197,6 +218,10 @@ export function loadConfig(
     batchMaxMessages: int("BATCH_MAX_MESSAGES", 2000, 1, 100_000),
     batchMaxWaitMs: int("BATCH_MAX_WAIT_MS", 20, 0, 60_000),
     logLevel: level as Config["logLevel"],
+    spoolSync: bool("SPOOL_SYNC_FULL", false) ? "full" : "normal",
+    httpHost: get("HTTP_HOST") ?? "127.0.0.1",
+    httpPort: int("HTTP_PORT", 9464, 0, 65535),
+    autoCreateTables: bool("AUTO_CREATE_TABLES", !production),
     envFile,
   };
   if (config.stateDir === "") problems.push("STATE_DIR is required when ENV=PRODUCTION");

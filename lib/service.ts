@@ -31,7 +31,7 @@ export interface Service {
 
 /** Starts the service; it keeps running until `stop()`. */
 export function startService(config: Config, hooks: ServiceHooks = {}): Service {
-  const spool = Spool.open(config.stateDir);
+  const spool = Spool.open(config.stateDir, { sync: config.spoolSync });
   if (spool.count > 0) {
     log("info", "spool has messages from a previous run", { messages: spool.count });
   }
