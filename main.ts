@@ -42,7 +42,13 @@ async function main(args: string[]): Promise<number> {
     state_dir: config.stateDir,
   });
 
-  const service = startService(config);
+  let service;
+  try {
+    service = startService(config);
+  } catch (e) {
+    log("error", "cannot start", { error: e });
+    return 1;
+  }
   let stopRequested: (() => void) | null = null;
   const stopped = new Promise<void>((resolve) => (stopRequested = resolve));
 

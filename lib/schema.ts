@@ -22,6 +22,9 @@ const KINDS: Record<string, ColumnKind> = {
   timestamp: "timestamp",
 };
 
+/** Most tables remembered; a flood of made-up app ids cannot grow memory past it. */
+const MAX_ENTRIES = 10_000;
+
 interface Entry {
   info: TableInfo | null;
   readAt: number;
@@ -77,6 +80,11 @@ export class SchemaCache {
         columns.set(r.name, { kind, maxChars: sized ? r.typmod - 4 : null });
       }
       info = { schema: this.schema, table, columns };
+    }
+    // Unknown names come from senders: keep at most MAX_ENTRIES, oldest out first.
+    this.#entries.delete(table);
+    if (this.#entries.size >= MAX_ENTRIES) {
+      this.#entries.delete(this.#entries.keys().next().value!);
     }
     this.#entries.set(table, { info, readAt: this.now() });
     return info;

@@ -34,6 +34,7 @@ export class Spool {
   private constructor(readonly path: string, options: SpoolOptions) {
     this.#db = new DatabaseSync(path);
     this.#db.exec(`PRAGMA journal_mode = WAL;
+      PRAGMA locking_mode = EXCLUSIVE;
       PRAGMA synchronous = ${options.sync === "full" ? "FULL" : "NORMAL"};
       CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
       CREATE TABLE IF NOT EXISTS messages (
@@ -68,7 +69,15 @@ export class Spool {
   /** Opens (or creates) the spool in `dir`. */
   static open(dir: string, options: SpoolOptions = {}): Spool {
     Deno.mkdirSync(dir, { recursive: true });
-    return new Spool(join(dir, "spool.sqlite"), options);
+    const path = join(dir, "spool.sqlite");
+    try {
+      return new Spool(path, options);
+    } catch (e) {
+      if (/locked|busy/i.test((e as Error).message)) {
+        throw new Error(`spool ${path} is in use by another process (same STATE_DIR?)`);
+      }
+      throw new Error(`cannot open spool ${path}: ${(e as Error).message}`);
+    }
   }
 
   /** Appends one message durably; returns its sequence number. */
