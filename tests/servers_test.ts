@@ -4,7 +4,9 @@ import mqtt from "mqtt";
 import {
   freePort,
   makeTestCerts,
+  type MqttInstance,
   pathExists,
+  type PgInstance,
   startMosquitto,
   startPostgres,
 } from "./helpers/servers.ts";
@@ -198,12 +200,13 @@ Deno.test({
   ...npmSockets,
   fn: async () => {
     const dir = await Deno.makeTempDir({ prefix: "sif-certs-test-" });
-    const certs = await makeTestCerts(dir);
-    const broker = await startMosquitto({
-      tls: { certs },
-      passwordFile: { user: "sif", password: "s3cret" },
-    });
+    let broker: MqttInstance | undefined;
     try {
+      const certs = await makeTestCerts(dir);
+      broker = await startMosquitto({
+        tls: { certs },
+        passwordFile: { user: "sif", password: "s3cret" },
+      });
       assert.equal(broker.url, `mqtts://localhost:${broker.port}`);
       const ca = await Deno.readTextFile(certs.caCert);
       const base = { reconnectPeriod: 0, connectTimeout: 5000, ca, rejectUnauthorized: true };
@@ -224,7 +227,7 @@ Deno.test({
         await client.endAsync();
       }
     } finally {
-      await broker.destroy();
+      await broker?.destroy();
       await Deno.remove(dir, { recursive: true });
     }
   },
@@ -235,9 +238,10 @@ Deno.test({
   ...npmSockets,
   fn: async () => {
     const dir = await Deno.makeTempDir({ prefix: "sif-certs-test-" });
-    const certs = await makeTestCerts(dir);
-    const broker = await startMosquitto({ tls: { certs, requireClientCert: true } });
+    let broker: MqttInstance | undefined;
     try {
+      const certs = await makeTestCerts(dir);
+      broker = await startMosquitto({ tls: { certs, requireClientCert: true } });
       const ca = await Deno.readTextFile(certs.caCert);
       const base = { reconnectPeriod: 0, connectTimeout: 3000, ca, rejectUnauthorized: true };
       await assert.rejects(mqtt.connectAsync(broker.url, base));
@@ -248,7 +252,7 @@ Deno.test({
       });
       await client.endAsync();
     } finally {
-      await broker.destroy();
+      await broker?.destroy();
       await Deno.remove(dir, { recursive: true });
     }
   },
@@ -273,9 +277,11 @@ Deno.test("startup failures throw with the server's log tail and leave nothing b
 });
 
 Deno.test("helpers leak no ops or resources through a full lifecycle (sanitizers on)", async () => {
-  const broker = await startMosquitto({ persistence: true });
-  const pg = await startPostgres();
+  let broker: MqttInstance | undefined;
+  let pg: PgInstance | undefined;
   try {
+    broker = await startMosquitto({ persistence: true });
+    pg = await startPostgres();
     const conn = await Deno.connect({ hostname: "127.0.0.1", port: broker.port });
     conn.close();
     await broker.stop();
@@ -288,7 +294,7 @@ Deno.test("helpers leak no ops or resources through a full lifecycle (sanitizers
     assert.equal(pg.running, false);
     assert.match(await pg.log(), /database system is ready to accept connections/);
   } finally {
-    await broker.destroy();
-    await pg.destroy();
+    await broker?.destroy();
+    await pg?.destroy();
   }
 });
