@@ -258,3 +258,131 @@ Deno.test({
     assert.equal(await countRows(sql, table.qualified), 0);
   },
 });
+
+Deno.test({
+  name: "the same error again refreshes its timestamp: one row, later time",
+  ...npmSockets,
+  async fn() {
+    await using sql = db();
+    await using svc = await startTestService();
+    await using table = await createAppTable(sql);
+    const bad = {
+      app_id: table.name,
+      data: { time: T0, device: "dev-1", metadata: { nope: 1 }, payload: { x: 1 } },
+    };
+    await svc.publish(bad);
+    await svc.idle(1);
+    const [first, ...more] = await errorRows(sql, table.name);
+    assert.deepEqual(more, []);
+    assert.equal(first!.error, "invalid metadata");
+    assert.equal(first!.device, "dev-1");
+    await new Promise((r) => setTimeout(r, 20)); // now() must move on
+    await svc.publish(bad);
+    await svc.idle(2);
+    const after = await errorRows(sql, table.name);
+    assert.equal(after.length, 1);
+    assert.equal(after[0]!.error, "invalid metadata");
+    assert.ok(
+      after[0]!.timestamp.getTime() > first!.timestamp.getTime(),
+      `${after[0]!.timestamp.toISOString()} > ${first!.timestamp.toISOString()}`,
+    );
+    // Both messages are kept as dead letters: the upsert only dedupes the user-facing row.
+    assert.equal((await deadLetters(sql, svc.source)).length, 2);
+  },
+});
+
+Deno.test({
+  name: "a bad message does not affect the next good one (bad, good, bad, good)",
+  ...npmSockets,
+  async fn() {
+    await using sql = db();
+    await using svc = await startTestService();
+    await using table = await createAppTable(sql, { floor: "DOUBLE PRECISION" });
+    const msg = (device: string, metadata: Record<string, unknown>, value: number) => ({
+      app_id: table.name,
+      data: { time: T0, device, metadata, payload: { [`m${value}`]: value } },
+    });
+    await svc.publishAll([
+      msg("bad-1", { floor: "x" }, 1),
+      msg("good-2", { floor: 2 }, 2),
+      msg("bad-3", { nope: 3 }, 3),
+      msg("good-4", { floor: 4 }, 4),
+    ]);
+    await svc.idle(4);
+    assert.deepEqual(await readRows(sql, table), [
+      { time: T0_ISO, metric: "m2", value: 2, floor: 2 },
+      { time: T0_ISO, metric: "m4", value: 4, floor: 4 },
+    ]);
+    assert.deepEqual((await errorRows(sql, table.name)).map((r) => [r.error, r.device]), [
+      ["invalid metadata", "bad-3"],
+      ["unexpected string (expected number)", "bad-1"],
+    ]);
+  },
+});
+
+Deno.test({
+  name: "a channel argument subscribes to ingest/stream/<channel> only",
+  ...npmSockets,
+  async fn() {
+    await using sql = db();
+    // loadConfig(env, ["0"]): the channel overrides MQTT_TOPIC.
+    await using svc = await startTestService({ args: ["0"] });
+    assert.equal(svc.config.mqtt.topic, "ingest/stream/0");
+    await using zero = await createAppTable(sql);
+    await using one = await createAppTable(sql);
+    const msg = (app: string) => ({ app_id: app, data: { time: T0, payload: { x: 1 } } });
+    // Channel 1 first: once channel 0's message is written, channel 1's would have been too.
+    await svc.publish(msg(one.name), "ingest/stream/1");
+    await svc.publish(msg(zero.name), "ingest/stream/0");
+    await waitFor(async () => (await countRows(sql, zero.qualified)) === 1, 10_000, "channel 0");
+    await waitFor(() => svc.service.spool.count === 0, 10_000, "spool drained");
+    assert.deepEqual(await readRows(sql, zero), [{ time: T0_ISO, metric: "x", value: 1 }]);
+    assert.equal(await countRows(sql, one.qualified), 0);
+    assert.deepEqual(await errorRows(sql, one.name), []);
+    assert.deepEqual((await deadLetters(sql, svc.source)).filter((d) => d.app_id === one.name), []);
+  },
+});
+
+Deno.test({
+  name: "stop() drains: 500 messages spooled behind a locked table are all written",
+  ...npmSockets,
+  async fn() {
+    await using sql = db();
+    await using svc = await startTestService();
+    await using table = await createAppTable(sql);
+    // Hold the table so the writer blocks on its first insert while messages pile up.
+    let release = () => {};
+    const released = new Promise<void>((r) => (release = r));
+    let locked = () => {};
+    const isLocked = new Promise<void>((r) => (locked = r));
+    const holding = sql.begin(async (tx) => {
+      await tx.unsafe(`LOCK TABLE ${table.qualified} IN ACCESS EXCLUSIVE MODE`);
+      locked();
+      await released;
+    });
+    try {
+      await isLocked;
+      const n = 500;
+      await svc.publishAll(
+        Array.from({ length: n }, (_, i) => ({
+          app_id: table.name,
+          data: { time: T0 + i, payload: { v: i } },
+        })),
+      );
+      await waitFor(() => svc.received >= n, 15_000, `${n} messages received`);
+      const pendingAtStop = svc.service.spool.count;
+      assert.ok(pendingAtStop >= n - 1, `spool holds ${pendingAtStop} at stop`);
+      const stopping = svc.stop(30_000);
+      await new Promise((r) => setTimeout(r, 100));
+      release();
+      await holding;
+      assert.deepEqual(await stopping, { drained: true, pending: 0 });
+      const rows = await readRows(sql, table);
+      assert.equal(rows.length, n);
+      assert.deepEqual(rows.map((r) => r.value), Array.from({ length: n }, (_, i) => i));
+    } finally {
+      release();
+      await holding.catch(() => {});
+    }
+  },
+});
