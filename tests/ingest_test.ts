@@ -12,7 +12,6 @@ import {
   deadLetters,
   errorRows,
   npmSockets,
-  Publisher,
   readRows,
   startTestService,
   uid,
