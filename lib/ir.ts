@@ -172,7 +172,8 @@ export function parseTime(v: unknown): string {
   throw new Reject("invalid time (expected seconds since the epoch or an ISO-8601 string)");
 }
 
-function fromEpoch(seconds: number, extraMicros: number): string {
+/** `fromNumber`: the sender gave a number, so a milliseconds mix-up is worth a hint. */
+function fromEpoch(seconds: number, extraMicros: number, fromNumber = true): string {
   if (!Number.isFinite(seconds)) throw new Reject("invalid time");
   let whole = Math.floor(seconds);
   let micros = Math.round((seconds - whole) * 1e6) + extraMicros;
@@ -181,7 +182,8 @@ function fromEpoch(seconds: number, extraMicros: number): string {
     micros -= 1e6;
   }
   if (whole < MIN_SECONDS || whole >= MAX_SECONDS) {
-    const looksLikeMs = seconds / 1000 >= MIN_SECONDS && seconds / 1000 < MAX_SECONDS &&
+    const looksLikeMs = fromNumber && seconds / 1000 >= MIN_SECONDS &&
+      seconds / 1000 < MAX_SECONDS &&
       Math.abs(seconds) >= 1e11;
     throw new Reject(
       looksLikeMs
@@ -220,7 +222,7 @@ function fromIso(s: string): string {
     offsetMinutes = sign * (oh * 60 + om);
   }
   const micros = frac === "" ? 0 : Math.round(Number("0." + frac) * 1e6);
-  return fromEpoch(date.getTime() / 1000 - offsetMinutes * 60, micros);
+  return fromEpoch(date.getTime() / 1000 - offsetMinutes * 60, micros, false);
 }
 
 // ---------------------------------------------------------------------------
