@@ -89,7 +89,14 @@ Settings come from the environment, then from .env in the working directory
   TS_DATABASE_ERRORS   database holding "errorTable" (default TS_DATABASE)
   PGSSLROOTCERT        CA certificate for TLS to PostgreSQL (sslmode verify-full)
   PGSSLMODE            disable | require | verify-ca | verify-full
-  STATE_DIR            folder of the local spool (default ./data in development)`;
+  STATE_DIR            folder of the local spool (default ./data in development;
+                       under systemd, StateDirectory= sets STATE_DIRECTORY)
+  MQTT_USERNAME MQTT_PASSWORD   broker credentials
+  MQTT_CA MQTT_CERT MQTT_KEY    TLS to the broker: CA, client certificate and key (PEM)
+  MQTT_CLIENT_ID       stable client id (the broker keeps its session while away)
+  INGEST_SHARE_GROUP   subscribe via $share/<group>/<topic>: instances split the stream
+  HTTP_HOST HTTP_PORT  /healthz /readyz /metrics (default 127.0.0.1:9464; port 0 = off)
+  LOG_LEVEL            debug | info (default) | warn | error; JSON lines on stdout`;
 
 if (import.meta.main) {
   Deno.exit(await main(Deno.args));

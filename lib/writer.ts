@@ -41,6 +41,8 @@ export interface WriterOptions {
   readonly events?: WriterEvents;
   /** Longest wait between retries. */
   readonly maxBackoffMs?: number;
+  /** When idle, check the database this often (readiness); default 5 s. */
+  readonly checkIntervalMs?: number;
 }
 
 /** A spooled message after parsing and translation. */
@@ -56,6 +58,7 @@ export class Writer {
   #stopAt = Infinity;
   #stopping = false;
   #dbOk: boolean | null = null;
+  #lastOkAt = 0;
   #running: Promise<void> | null = null;
   readonly #o: WriterOptions;
   readonly #progress: string;
@@ -100,7 +103,10 @@ export class Writer {
         let entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
         if (entries.length === 0) {
           if (this.#stopping) return;
-          await this.#sleep(Infinity);
+          // Idle: a cheap query now and then, so readiness notices a database outage.
+          const due = this.#lastOkAt + (this.#o.checkIntervalMs ?? 5000) - Date.now();
+          if (due > 0) await this.#sleep(due);
+          else await this.#retrying("check database", () => this.#check());
           continue;
         }
         if (entries.length < this.#o.batchMaxMessages && !this.#stopping) {
@@ -144,11 +150,17 @@ export class Writer {
     }
   }
 
+  async #check(): Promise<void> {
+    if (this.#stopping) throw new Stopped();
+    await this.#o.sql.unsafe("SELECT 1");
+  }
+
   /** Runs `op` until it succeeds, retrying transient errors with capped backoff. */
   async #retrying(what: string, op: () => Promise<void>): Promise<void> {
     for (let attempt = 0;; attempt++) {
       try {
         await op();
+        this.#lastOkAt = Date.now();
         this.#setDb(true);
         return;
       } catch (e) {

@@ -1,0 +1,343 @@
+/**
+ * Hostile input at the database level, through the real Mosquitto and PostgreSQL. Each test
+ * runs the service in a schema of its own (TS_SCHEMA), so it can assert the exact content of
+ * "errorTable" and sif_dead_letter and prove that no other table in the schema changed.
+ */
+
+import assert from "node:assert/strict";
+import {
+  type AppTable,
+  countRows,
+  createAppTable,
+  createSchema,
+  db,
+  deadLetters,
+  ensureDatabase,
+  fingerprint,
+  ident,
+  npmSockets,
+  readRows,
+  type Sql,
+  startTestService,
+  type TestService,
+  uid,
+  waitFor,
+} from "./helpers/service.ts";
+
+const T0 = 1700000000.25;
+const T0_ISO = "2023-11-14T22:13:20.250000Z";
+/** Tables the service writes by design; everything else must stay as it was. */
+const SERVICE_TABLES = ["errorTable", "sif_dead_letter", "sif_stream_progress"];
+
+/** Waits until the service created its tables in `schema` (so fingerprints compare). */
+async function serviceReady(sql: Sql, schema: string): Promise<void> {
+  await waitFor(
+    async () => {
+      const [r] = await sql`SELECT to_regclass(${`${ident(schema)}."errorTable"`}) IS NOT NULL
+        AND to_regclass(${`${ident(schema)}.sif_stream_progress`}) IS NOT NULL AS ok`;
+      return r!.ok as boolean;
+    },
+    10_000,
+    "service tables",
+  );
+}
+
+/** Every "errorTable" row of the schema as [app_id, error, device], sorted. */
+async function allErrors(sql: Sql, schema: string): Promise<string[][]> {
+  const rows = await sql.unsafe(
+    `SELECT app_id, error, device FROM ${ident(schema)}."errorTable" ORDER BY 1, 2, 3`,
+  );
+  return rows.map((r) => [r.app_id, r.error, r.device]);
+}
+
+/** A plain message for `app` with one metric. */
+function msg(app: string, extra: Record<string, unknown> = {}, device = "hostile") {
+  return { app_id: app, data: { time: T0, device, payload: { x: 1 }, ...extra } };
+}
+
+interface Setup extends AsyncDisposable {
+  sql: Sql;
+  schema: string;
+  svc: TestService;
+  /** Fingerprint of every table but the service's and `changing`. */
+  others(): Promise<Record<string, string>>;
+}
+
+/** A private schema, the service on it (ready), and a fingerprint helper. */
+async function setup(changing: () => readonly string[] = () => []): Promise<Setup> {
+  await ensureDatabase();
+  const sql = db();
+  const schema = await createSchema(sql, "hostile");
+  const svc = await startTestService({ schema: schema.name });
+  await serviceReady(sql, schema.name);
+  return {
+    sql,
+    schema: schema.name,
+    svc,
+    others: () => fingerprint(sql, schema.name, [...SERVICE_TABLES, ...changing()]),
+    [Symbol.asyncDispose]: async () => {
+      await svc[Symbol.asyncDispose]();
+      await schema[Symbol.asyncDispose]();
+      await sql[Symbol.asyncDispose]();
+    },
+  };
+}
+
+Deno.test({
+  name: "hostile app ids are 'invalid app' and every table stays intact",
+  ...npmSockets,
+  async fn() {
+    await using s = await setup();
+    const { sql, schema, svc } = s;
+    // Decoys: a non-app table, a table named y (target of the injection) and an app table.
+    await sql.unsafe(`CREATE TABLE ${ident(schema)}.y (id int, note text)`);
+    await sql.unsafe(`INSERT INTO ${ident(schema)}.y VALUES (1, 'keep me')`);
+    const victim = await createAppTable(sql, {}, { schema, name: "victim" });
+    await sql.unsafe(`INSERT INTO ${victim.qualified} VALUES (now(), 'm', 1)`);
+    const before = await s.others();
+    const sidesBefore = await fingerprint(sql, "public", []);
+
+    const appIds = [
+      "errorTable",
+      "sif_dead_letter",
+      "sif_stream_progress",
+      "pg_class",
+      "pg_catalog.pg_class",
+      'public"."x',
+      `${schema}"."victim`,
+      'x"; DROP TABLE y; --',
+      "y",
+      "victim ",
+      "Victim",
+    ];
+    // Metadata named like the columns of the service's own tables, should any be reached.
+    const metadata = { app_id: "pwned", error: "pwned", device: "pwned", topic: "pwned" };
+    const sent = await svc.publishAll(appIds.map((a) => msg(a, { metadata })));
+    await svc.idle(appIds.length);
+
+    assert.deepEqual(
+      (await allErrors(sql, schema)).map(([a, e]) => [a, e]),
+      appIds.map((a) => [a, "invalid app"]).sort((p, q) => (p[0]! < q[0]! ? -1 : 1)),
+    );
+    const dead = await deadLetters(sql, svc.source, schema);
+    assert.deepEqual(dead.map((d) => [d.app_id, d.error]), appIds.map((a) => [a, "invalid app"]));
+    assert.deepEqual(dead.map((d) => d.payload), sent);
+    assert.deepEqual(await s.others(), before);
+    assert.equal(await countRows(sql, victim.qualified), 1);
+    assert.deepEqual(await fingerprint(sql, "public", []), sidesBefore);
+  },
+});
+
+Deno.test({
+  name: "reserved words and mixed case are real column names; 'user' is not 'User'",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, {
+      select: "VARCHAR(128)",
+      User: "VARCHAR(128)",
+      "Order Date": "VARCHAR(128)",
+      "from": "DOUBLE PRECISION",
+    }, { schema, name: "Mixed Case App" });
+    const before = await s.others();
+    await svc.publishAll([
+      msg(table.name, {
+        metadata: { select: "s1", User: "U1", "Order Date": "2024-01-02", from: 7 },
+      }, "ok-1"),
+      msg(table.name, { payload: { select: "as metric", n: 2 } }, "ok-2"),
+      msg(table.name, { metadata: { user: "lower" } }, "bad-user"),
+      msg(table.name.toLowerCase(), {}, "bad-table-case"),
+    ]);
+    await svc.idle(4);
+    assert.deepEqual(await readRows(sql, table), [
+      {
+        time: T0_ISO,
+        metric: "n",
+        value: 2,
+        select: null,
+        User: null,
+        "Order Date": null,
+        from: null,
+      },
+      {
+        time: T0_ISO,
+        metric: "select",
+        value: 0,
+        select: "as metric",
+        User: null,
+        "Order Date": null,
+        from: null,
+      },
+      {
+        time: T0_ISO,
+        metric: "x",
+        value: 1,
+        select: "s1",
+        User: "U1",
+        "Order Date": "2024-01-02",
+        from: 7,
+      },
+    ]);
+    assert.deepEqual(await allErrors(sql, schema), [
+      ["Mixed Case App", "invalid metadata", "bad-user"],
+      ["mixed case app", "invalid app", ""],
+    ]);
+    assert.deepEqual(await s.others(), before);
+  },
+});
+
+Deno.test({
+  name: "identifiers: 63 bytes are used, 64 bytes are rejected (never truncated into the 63)",
+  ...npmSockets,
+  async fn() {
+    const tables: AppTable[] = [];
+    await using s = await setup(() => tables.map((t) => t.name));
+    const { sql, schema, svc } = s;
+    const ascii63 = ("p63_" + uid()).padEnd(63, "a");
+    const multi63 = "m63_" + uid().padEnd(57, "b") + "é"; // 61 ASCII + 2-byte char = 63 bytes
+    assert.equal(new TextEncoder().encode(multi63).length, 63);
+    const col63 = "c".repeat(63);
+    for (const name of [ascii63, multi63]) {
+      tables.push(await createAppTable(sql, { [col63]: "VARCHAR(128)" }, { schema, name }));
+    }
+    const before = await s.others();
+    await svc.publishAll([
+      msg(ascii63, { metadata: { [col63]: "ascii" } }, "ok-ascii"),
+      msg(multi63, { metadata: { [col63]: "multi" } }, "ok-multi"),
+      msg(ascii63 + "X", {}, "long-app"), // 64 bytes: PostgreSQL would truncate to ascii63
+      msg(multi63.slice(0, -1) + "éé", {}, "long-multi"), // 65 bytes
+      msg(ascii63, { metadata: { [col63 + "d"]: "v" } }, "long-key"),
+      msg(ascii63, { payload: { [col63 + "é"]: "v" } }, "long-metric"),
+      msg(ascii63, { payload: { [col63 + "é"]: 5 } }, "numeric-metric"), // a value, not a column
+    ]);
+    await svc.idle(7);
+    assert.deepEqual(await readRows(sql, tables[0]!), [
+      { time: T0_ISO, metric: col63 + "é", value: 5, [col63]: null },
+      { time: T0_ISO, metric: "x", value: 1, [col63]: "ascii" },
+    ]);
+    assert.deepEqual(await readRows(sql, tables[1]!), [
+      { time: T0_ISO, metric: "x", value: 1, [col63]: "multi" },
+    ]);
+    assert.deepEqual(
+      await allErrors(sql, schema),
+      [
+        [ascii63, "metadata key is 64 bytes long (PostgreSQL allows 63)", "long-key"],
+        [ascii63, "string metric is 65 bytes long (PostgreSQL allows 63)", "long-metric"],
+        [ascii63 + "X", "app_id is 64 bytes long (PostgreSQL allows 63)", ""],
+        [multi63.slice(0, -1) + "éé", "app_id is 65 bytes long (PostgreSQL allows 63)", ""],
+      ].sort((a, b) => (a.join("\0") < b.join("\0") ? -1 : 1)),
+    );
+    assert.deepEqual(await s.others(), before);
+  },
+});
+
+Deno.test({
+  name: "a hostile search_path (evil schema, functions, operator, type) changes nothing",
+  ...npmSockets,
+  async fn() {
+    const database = `sif_sp_${uid()}`;
+    {
+      await using admin = db("postgres");
+      await admin.unsafe(`CREATE DATABASE ${ident(database)}`);
+    }
+    try {
+      await hostileSearchPath(database);
+    } finally {
+      await using admin = db("postgres");
+      await admin.unsafe(`DROP DATABASE IF EXISTS ${ident(database)} WITH (FORCE)`);
+    }
+  },
+});
+
+/** Traps for a session whose search_path is the database's `evil, pg_catalog, public`. */
+const TRAPS = `
+  CREATE SCHEMA evil;
+  CREATE TABLE evil.tripwire (what text NOT NULL);
+  CREATE FUNCTION evil.trip(what text) RETURNS boolean LANGUAGE plpgsql AS $f$
+    BEGIN INSERT INTO evil.tripwire VALUES (what); RETURN true; END $f$;
+  -- Single-argument unnest: a multi-argument unnest would be the first to resolve here.
+  CREATE FUNCTION evil.unnest(a text[]) RETURNS SETOF text LANGUAGE plpgsql AS $f$
+    BEGIN PERFORM evil.trip('unnest(text[])'); RETURN QUERY SELECT pg_catalog.unnest(a); END $f$;
+  -- The cast ::timestamptz of the app insert resolves the type name through search_path.
+  CREATE DOMAIN evil.timestamptz AS pg_catalog.timestamptz CHECK (evil.trip('timestamptz'));
+  -- "a.attnum > 0" in the catalog query (int2 > int4).
+  CREATE FUNCTION evil.gt(a int2, b int4) RETURNS boolean LANGUAGE plpgsql AS $f$
+    BEGIN PERFORM evil.trip('>(int2,int4)'); RETURN a::int4 OPERATOR(pg_catalog.>) b; END $f$;
+  CREATE OPERATOR evil.> (LEFTARG = int2, RIGHTARG = int4, FUNCTION = evil.gt);
+  -- now() and to_timestamp() of the errorTable upsert and the dead letter.
+  CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE plpgsql AS $f$
+    BEGIN PERFORM evil.trip('now()'); RETURN pg_catalog.now(); END $f$;
+  CREATE FUNCTION evil.to_timestamp(x float8) RETURNS timestamptz LANGUAGE plpgsql AS $f$
+    BEGIN PERFORM evil.trip('to_timestamp(float8)'); RETURN pg_catalog.to_timestamp(x); END $f$;
+`;
+
+async function hostileSearchPath(database: string): Promise<void> {
+  const app = "app_sp";
+  {
+    await using sql = db(database);
+    await sql.unsafe(`
+      CREATE TABLE public.${app} (time timestamptz NOT NULL, metric varchar(128) NOT NULL,
+        value double precision NOT NULL, site varchar(128));
+      ${TRAPS}
+      CREATE TABLE evil.${app} (LIKE public.${app});
+      CREATE TABLE evil."errorTable" (app_id text, error text, device text, "timestamp" timestamptz);
+      ALTER DATABASE ${ident(database)} SET search_path = evil, pg_catalog, public;
+    `);
+  }
+  {
+    // The traps are armed: a session that takes the database's search_path walks into them.
+    await using sql = db(database);
+    const [p] = await sql`SHOW search_path`;
+    assert.equal(p!.search_path, "evil, pg_catalog, public");
+    await sql.unsafe(`SELECT count(*) FROM unnest('{a}'::text[])`);
+    await sql.unsafe(`SELECT '2024-01-01'::timestamptz, now(), to_timestamp(1::float8)`);
+    await sql.unsafe(`SELECT count(*) FROM pg_attribute a WHERE a.attnum > 0`);
+    const trips = await sql.unsafe(`SELECT DISTINCT what FROM evil.tripwire ORDER BY 1`);
+    assert.deepEqual(trips.map((r) => r.what), [
+      ">(int2,int4)",
+      "now()",
+      "timestamptz",
+      "to_timestamp(float8)",
+      "unnest(text[])",
+    ]);
+    await sql.unsafe(`DELETE FROM evil.tripwire`);
+  }
+  {
+    await using svc = await startTestService({ database });
+    await svc.publishAll([
+      msg(app, { metadata: { site: "roof" }, payload: { x: 1, s: 2.5 } }),
+      msg(app, { metadata: { nope: 1 } }, "dev-bad"),
+    ]);
+    await svc.idle(2);
+    await svc.stop();
+    await using sql = db(database);
+    await sql.unsafe(`SET search_path = pg_catalog, public`);
+    assert.deepEqual(
+      (await sql.unsafe(`SELECT DISTINCT what FROM evil.tripwire ORDER BY 1`)).map((r) => r.what),
+      [],
+    );
+    const rows = await sql.unsafe(
+      `SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time,
+              metric, value, site FROM public.${app} ORDER BY metric`,
+    );
+    assert.deepEqual(rows.map((r) => ({ ...r })), [
+      { time: T0_ISO, metric: "s", value: 2.5, site: "roof" },
+      { time: T0_ISO, metric: "x", value: 1, site: "roof" },
+    ]);
+    assert.equal(await countRows(sql, `evil.${app}`), 0);
+    assert.equal(await countRows(sql, `evil."errorTable"`), 0);
+    const errors = await sql.unsafe(`SELECT app_id, error, device FROM public."errorTable"`);
+    assert.deepEqual(errors.map((r) => ({ ...r })), [
+      { app_id: app, error: "invalid metadata", device: "dev-bad" },
+    ]);
+    assert.equal(await countRows(sql, "public.sif_dead_letter"), 1);
+    // The service's own tables were created in public, none in evil.
+    const evilTables = await sql.unsafe(
+      `SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE nspname = 'evil' AND relkind = 'r' ORDER BY 1`,
+    );
+    assert.deepEqual(evilTables.map((r) => r.relname), ["app_sp", "errorTable", "tripwire"]);
+  }
+}
