@@ -176,6 +176,12 @@ export function loadConfig(
   // PostgreSQL
   const caPath = get("PGSSLROOTCERT");
   const ca = file("PGSSLROOTCERT");
+  if (ca !== undefined && !ca.includes("-----BEGIN CERTIFICATE-----")) {
+    // Caught here, or every handshake would fail later with a less clear error.
+    problems.push(
+      `PGSSLROOTCERT: ${caPath} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`,
+    );
+  }
   const sslRaw = (get("PGSSLMODE") ?? (caPath ? "verify-full" : production ? "" : "disable"))
     .toLowerCase();
   let sslMode: SslMode = "disable";

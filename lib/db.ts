@@ -3,6 +3,7 @@
  * ignores `PGSSLMODE` and `sslrootcert`, so the TLS options are mapped here.
  */
 
+import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { DbConfig } from "./config.ts";
 
@@ -22,7 +23,14 @@ export function tlsOptions(cfg: DbConfig): false | Record<string, unknown> {
     case "verify-ca":
       return { ca: cfg.ca, rejectUnauthorized: true, checkServerIdentity: () => undefined };
     case "verify-full":
-      return { ca: cfg.ca, rejectUnauthorized: true };
+      // postgres.js sends no servername for an IP host, and node:tls then checks the
+      // certificate against "localhost" instead: check against the host we dial.
+      return {
+        ca: cfg.ca,
+        rejectUnauthorized: true,
+        checkServerIdentity: (_name: string, cert: PeerCertificate) =>
+          checkServerIdentity(cfg.host, cert),
+      };
   }
 }
 

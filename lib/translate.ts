@@ -99,7 +99,7 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
         // A string metric: value 0, the text in the column named after the metric.
         const col = table.columns.get(metric);
         if (!col) return fail(Reasons.invalidMetadata, true);
-        if (col.kind !== "text") return fail(Reasons.stringForNumber);
+        // A number column gives Reasons.stringForNumber; other kinds say what they expect.
         const cell = cellFor(value, col, metric);
         if (typeof cell === "object" && cell !== null) return fail(cell.reason);
         const at = metaNames.indexOf(metric);
@@ -193,10 +193,15 @@ export function groupKey(table: TableInfo, columns: readonly string[]): string {
 
 /** Appends `src`'s rows to `dst` (same key). */
 export function mergeInto(dst: RowGroup, src: RowGroup): void {
-  dst.times.push(...src.times);
-  dst.metrics.push(...src.metrics);
-  dst.values.push(...src.values);
-  for (let j = 0; j < dst.cells.length; j++) dst.cells[j]!.push(...src.cells[j]!);
+  append(dst.times, src.times);
+  append(dst.metrics, src.metrics);
+  append(dst.values, src.values);
+  for (let j = 0; j < dst.cells.length; j++) append(dst.cells[j]!, src.cells[j]!);
+}
+
+/** `dst.push(...src)` without spreading: a spread of ~150,000+ items overflows the stack. */
+function append<T>(dst: T[], src: readonly T[]): void {
+  for (let i = 0; i < src.length; i++) dst.push(src[i]!);
 }
 
 /** SQL text and bind values for one statement. */
