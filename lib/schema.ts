@@ -1,7 +1,8 @@
 /**
  * What app tables look like, read from the catalog and cached, so column and
  * type errors are found before a statement is sent. A miss (unknown table or
- * column) re-reads the catalog, at most once a second per table.
+ * column) re-reads the catalog before the message is rejected: the table or
+ * column may have been created a moment ago, right before the message was sent.
  */
 
 import type { Sql } from "./db.ts";
@@ -36,7 +37,8 @@ export class SchemaCache {
   constructor(
     private readonly sql: Sql,
     readonly schema: string,
-    private readonly minRefreshMs = 1000,
+    /** Reuse a miss younger than this; 0 (default): a miss is always read again. */
+    private readonly minRefreshMs = 0,
     private readonly now: () => number = Date.now,
   ) {}
 

@@ -341,3 +341,311 @@ async function hostileSearchPath(database: string): Promise<void> {
     assert.deepEqual(evilTables.map((r) => r.relname), ["app_sp", "errorTable", "tripwire"]);
   }
 }
+
+Deno.test({
+  name: "more rows than 65,535 parameters: 14,000 readings x 5 metrics, and 70,000 metrics",
+  ...npmSockets,
+  async fn() {
+    const tables: AppTable[] = [];
+    await using s = await setup(() => tables.map((t) => t.name));
+    const { sql, schema, svc } = s;
+    const readings = await createAppTable(sql, { site: "VARCHAR(128)" }, { schema });
+    const wide = await createAppTable(sql, {}, { schema });
+    tables.push(readings, wide);
+    const before = await s.others();
+    const n = 14_000;
+    const data = Array.from({ length: n }, (_, i) => ({
+      time: T0 + i,
+      metadata: { site: `s${i % 7}` },
+      payload: { a: i, b: i + 0.5, c: -i, d: i * 2, e: i % 2 === 0 },
+    }));
+    const payload: Record<string, number> = {};
+    for (let i = 0; i < 70_000; i++) payload[`m${i}`] = i / 2;
+    const started = performance.now();
+    const sent = await svc.publishAll([
+      { app_id: readings.name, data },
+      { app_id: wide.name, data: { time: T0, payload } },
+    ]);
+    await svc.idle(2, 60_000);
+    const seconds = (performance.now() - started) / 1000;
+    console.log(
+      `140,000 rows in 2 messages (${sent.map((b) => b.length).join(" + ")} bytes): ` +
+        `${seconds.toFixed(2)} s`,
+    );
+
+    const sumI = (n * (n - 1)) / 2;
+    const [r] = await sql.unsafe(
+      `SELECT count(*)::int AS rows, sum(value) AS sum, count(DISTINCT time)::int AS times,
+              count(site)::int AS sites, min(metric) AS min_metric, max(metric) AS max_metric
+         FROM ${readings.qualified}`,
+    );
+    assert.deepEqual({ ...r }, {
+      rows: 70_000,
+      sum: sumI + (sumI + n / 2) - sumI + 2 * sumI + n / 2,
+      times: n,
+      sites: 70_000,
+      min_metric: "a",
+      max_metric: "e",
+    });
+    const last = await sql.unsafe(
+      `SELECT metric, value, site FROM ${readings.qualified}
+        WHERE time = to_timestamp(${T0 + n - 1}) ORDER BY metric`,
+    );
+    assert.deepEqual(last.map((x) => ({ ...x })), [
+      { metric: "a", value: n - 1, site: "s6" },
+      { metric: "b", value: n - 0.5, site: "s6" },
+      { metric: "c", value: -(n - 1), site: "s6" },
+      { metric: "d", value: 2 * (n - 1), site: "s6" },
+      { metric: "e", value: 0, site: "s6" },
+    ]);
+    const [w] = await sql.unsafe(
+      `SELECT count(*)::int AS rows, count(DISTINCT metric)::int AS metrics, sum(value) AS sum
+         FROM ${wide.qualified}`,
+    );
+    assert.deepEqual({ ...w }, { rows: 70_000, metrics: 70_000, sum: (70_000 * 69_999) / 4 });
+    assert.deepEqual(await allErrors(sql, schema), []);
+    assert.deepEqual(await s.others(), before);
+  },
+});
+
+Deno.test({
+  name: "text longer than varchar(128) and NUL characters are rejected; nothing stored",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, { site: "VARCHAR(128)", note: "TEXT" }, { schema });
+    const before = await s.others();
+    const app = table.name;
+    const two = { x: 1, y: 2 }; // a good metric next to the bad value: all or nothing
+    const cases: [string, Record<string, unknown> | Uint8Array, string | null][] = [
+      ["ok-128", msg(app, { metadata: { site: "s".repeat(128) } }, "ok-128"), null],
+      ["ok-128-multi", msg(app, { metadata: { site: "é".repeat(128) } }, "ok-128-multi"), null],
+      ["ok-128-emoji", msg(app, { metadata: { site: "😀".repeat(128) } }, "ok-128-emoji"), null],
+      ["ok-long-text", msg(app, { metadata: { note: "n".repeat(10_000) } }, "ok-long-text"), null],
+      [
+        "long-129",
+        msg(app, { metadata: { site: "s".repeat(129) }, payload: two }, "long-129"),
+        'value too long for column "site" (max 128 characters)',
+      ],
+      [
+        "long-emoji",
+        msg(app, { metadata: { site: "😀".repeat(129) }, payload: two }, "long-emoji"),
+        'value too long for column "site" (max 128 characters)',
+      ],
+      [
+        "long-metric-text",
+        msg(app, { payload: { ...two, site: "m".repeat(129) } }, "long-metric-text"),
+        'value too long for column "site" (max 128 characters)',
+      ],
+      [
+        "long-metric-name",
+        msg(app, { payload: { ...two, ["k".repeat(129)]: 1 } }, "long-metric-name"),
+        "metric name too long (max 128 characters)",
+      ],
+      [
+        "nul-meta",
+        msg(app, { metadata: { site: "a\u0000b" }, payload: two }, "nul-meta"),
+        "text contains a NUL character",
+      ],
+      [
+        "nul-metric-text",
+        msg(app, { payload: { ...two, site: "\u0000" } }, "nul-metric-text"),
+        "text contains a NUL character",
+      ],
+      [
+        "nul-metric-name",
+        msg(app, { payload: { ...two, "a\u0000": 1 } }, "nul-metric-name"),
+        "metric name contains a NUL character",
+      ],
+      [
+        "nul-key",
+        msg(app, { metadata: { "si\u0000te": "x" }, payload: two }, "nul-key"),
+        "metadata key contains a NUL character",
+      ],
+      [
+        "lone-surrogate",
+        msg(app, { metadata: { site: "a\ud800b" }, payload: two }, "lone-surrogate"),
+        "text is not valid Unicode",
+      ],
+    ];
+    const sent = await svc.publishAll(cases.map(([, m]) => m));
+    // Not attributable to a device: bad app id, bad device, bytes that are not UTF-8.
+    const odd: [Record<string, unknown> | Uint8Array, string, string, string][] = [
+      [msg(`${app}\u0000`), `${app}\uFFFD`, "app_id contains a NUL character", ""],
+      [msg(app, {}, "dev\u0000ice"), app, "device contains a NUL character", "dev\uFFFDice"],
+      [new Uint8Array([0x7b, 0xff, 0xfe, 0x7d]), "", "message is not valid UTF-8", ""],
+    ];
+    const sentOdd = await svc.publishAll(odd.map(([m]) => m));
+    await svc.idle(cases.length + odd.length);
+
+    const rows = await readRows(sql, table);
+    assert.deepEqual(rows.map((r) => [r.metric, r.site, r.note]), [
+      ["x", "s".repeat(128), null],
+      ["x", "é".repeat(128), null],
+      ["x", "😀".repeat(128), null],
+      ["x", null, "n".repeat(10_000)],
+    ]);
+    const expected = [
+      ...cases.filter(([, , e]) => e !== null).map(([d, , e]) => [app, e!, d]),
+      ...odd.map(([, a, e, d]) => [a, e, d]),
+    ].sort((a, b) => (a.join("\0") < b.join("\0") ? -1 : 1));
+    assert.deepEqual(await allErrors(sql, schema), expected);
+    const dead = await deadLetters(sql, svc.source, schema);
+    const bad = [...cases.entries()].filter(([, [, , e]]) => e !== null).map(([i]) => sent[i]);
+    assert.deepEqual(dead.map((d) => d.payload), [...bad, ...sentOdd]);
+    assert.deepEqual(await s.others(), before);
+  },
+});
+
+/** Holds an ACCESS EXCLUSIVE lock on `qualified` until `release()`; resolves once locked. */
+async function lockTable(sql: Sql, qualified: string) {
+  let release = () => {};
+  const released = new Promise<void>((r) => (release = r));
+  let locked = () => {};
+  const isLocked = new Promise<void>((r) => (locked = r));
+  const holding = sql.begin(async (tx) => {
+    await tx.unsafe(`LOCK TABLE ${qualified} IN ACCESS EXCLUSIVE MODE`);
+    locked();
+    await released;
+  });
+  await Promise.race([isLocked, holding]);
+  return {
+    /** Resolves once somebody waits for the lock. */
+    waiter: () =>
+      waitFor(
+        async () => {
+          const [r] = await sql.unsafe(
+            `SELECT count(*)::int AS n FROM pg_locks WHERE relation = $1::regclass AND NOT granted`,
+            [qualified],
+          );
+          return (r!.n as number) > 0;
+        },
+        10_000,
+        `a waiter on ${qualified}`,
+      ),
+    release: async () => {
+      release();
+      await holding;
+    },
+  };
+}
+
+Deno.test({
+  name: "poison isolation: rows PostgreSQL rejects are split out of their batch, the rest stored",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    // The cache sees a number column and no constraint; only PostgreSQL knows better.
+    table = await createAppTable(sql, { tiny: "SMALLINT", site: "VARCHAR(128)" }, {
+      schema,
+      constraints: "CONSTRAINT small_value CHECK (value < 1000)",
+    });
+    const before = await s.others();
+    const app = table.name;
+    const good = (v: number) => msg(app, { payload: { v } }, `good-${v}`);
+    // The writer blocks on the first message, so the next five make one batch.
+    const lock = await lockTable(sql, table.qualified);
+    try {
+      await svc.publish(good(1));
+      await lock.waiter();
+      await svc.publishAll([
+        good(2),
+        msg(app, { payload: { v: 5000 } }, "check"),
+        good(3),
+        msg(app, { metadata: { tiny: 70000 } }, "smallint"),
+        good(4),
+      ]);
+      await waitFor(() => svc.received >= 6, 10_000, "6 messages received");
+    } finally {
+      await lock.release();
+    }
+    await svc.idle(6);
+    assert.deepEqual((await readRows(sql, table)).map((r) => r.value), [1, 2, 3, 4]);
+    assert.deepEqual(await allErrors(sql, schema), [
+      [
+        app,
+        `database rejected the row: new row for relation "${app}" violates check constraint ` +
+        `"small_value" (SQLSTATE 23514)`,
+        "check",
+      ],
+      [app, "database rejected the row: smallint out of range (SQLSTATE 22003)", "smallint"],
+    ]);
+    assert.deepEqual(
+      (await deadLetters(sql, svc.source, schema)).map((d) => d.device),
+      ["check", "smallint"],
+    );
+    // One batch of five: three stored, two rejected.
+    assert.deepEqual(svc.batches, [
+      { messages: 1, rows: 1, rejected: 0 },
+      { messages: 5, rows: 3, rejected: 2 },
+    ]);
+    assert.deepEqual(await s.others(), before);
+  },
+});
+
+Deno.test({
+  name: "schema changes under the cache: type changed and column dropped after it was filled",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, { floor: "VARCHAR(128)", gone: "VARCHAR(128)" }, {
+      schema,
+    });
+    const app = table.name;
+    await svc.publish(msg(app, { metadata: { floor: "3", gone: "g" }, payload: { v: 1 } }));
+    await svc.idle(1); // the cache now says floor is text and gone exists
+    await sql.unsafe(`ALTER TABLE ${table.qualified}
+      ALTER COLUMN floor TYPE DOUBLE PRECISION USING floor::double precision,
+      DROP COLUMN gone`);
+    await svc.publishAll([
+      msg(app, { metadata: { floor: 4 }, payload: { v: 2 } }, "ok-4"),
+      msg(app, { metadata: { floor: "three" }, payload: { v: 3 } }, "string"),
+      msg(app, { metadata: { gone: "g" }, payload: { v: 4 } }, "dropped"),
+      msg(app, { metadata: { floor: 5 }, payload: { v: 5 } }, "ok-5"),
+    ]);
+    await svc.idle(5);
+    assert.deepEqual((await readRows(sql, table, ["floor"])).map((r) => [r.value, r.floor]), [
+      [1, 3],
+      [2, 4],
+      [5, 5],
+    ]);
+    assert.deepEqual(await allErrors(sql, schema), [
+      [app, "invalid metadata", "dropped"],
+      [app, "unexpected string (expected number)", "string"],
+    ]);
+  },
+});
+
+Deno.test({
+  name: "schema changes under the cache: a table or column created right after a miss is used",
+  ...npmSockets,
+  async fn() {
+    const tables: AppTable[] = [];
+    await using s = await setup(() => tables.map((t) => t.name));
+    const { sql, schema, svc } = s;
+    const late = `late_${uid()}`;
+    await svc.publish(msg(late, {}, "before-create"));
+    await svc.idle(1);
+    tables.push(await createAppTable(sql, {}, { schema, name: late }));
+    await svc.publish(msg(late, {}, "after-create"));
+    await svc.idle(2);
+    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", ""]]);
+    assert.deepEqual((await readRows(sql, tables[0]!)).length, 1);
+
+    const grows = await createAppTable(sql, {}, { schema });
+    tables.push(grows);
+    await svc.publish(msg(grows.name, {}, "fills-cache"));
+    await svc.idle(3);
+    await sql.unsafe(`ALTER TABLE ${grows.qualified} ADD COLUMN site VARCHAR(128)`);
+    await svc.publish(msg(grows.name, { metadata: { site: "new" } }, "new-column"));
+    await svc.idle(4);
+    assert.deepEqual((await readRows(sql, grows, ["site"])).map((r) => r.site), [null, "new"]);
+    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", ""]]);
+  },
+});
