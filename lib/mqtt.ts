@@ -24,6 +24,9 @@ export const SESSION_EXPIRY_SECONDS = 7 * 24 * 3600;
 /** CONNACK codes that mean "fix the configuration", for MQTT 3.1.1 and 5. */
 const AUTH_CODES = new Set([4, 5, 0x86, 0x87, 0x8c]);
 
+/** node:tls errors about the broker's certificate (not worth a retry, but maybe rotated). */
+const CERT_ERROR = /CERT|SELF_SIGNED|ISSUER|ALTNAME|certificate/i;
+
 /** Connects and subscribes; reconnects with backoff and resubscribes by itself. */
 export function startMqtt(
   cfg: MqttConfig,
@@ -113,19 +116,31 @@ export function startMqtt(
     if (connected) {
       connected = false;
       events.connected?.(false);
-      log("warn", "broker connection lost, reconnecting", { broker: cfg.url });
+      if (client.disconnecting) log("info", "broker disconnected", { broker: cfg.url });
+      else log("warn", "broker connection lost, reconnecting", { broker: cfg.url });
     }
   });
   client.on("error", (err) => {
     const code = (err as { code?: number }).code;
     if (typeof code === "number" && AUTH_CODES.has(code)) {
       const reason = `broker refused the connection: ${err.message}`;
-      log("error", reason, { broker: cfg.url, client_id: cfg.clientId });
+      log("error", reason, {
+        broker: cfg.url,
+        client_id: cfg.clientId,
+        hint: "check MQTT_USERNAME, MQTT_PASSWORD (or MQTT_CERT) and the broker's ACL",
+      });
       events.fatal?.(reason);
       return;
     }
     if (err.message !== lastError) {
-      log("warn", "broker error", { broker: cfg.url, error: err.message });
+      const tls = CERT_ERROR.test(`${(err as { code?: unknown }).code ?? ""} ${err.message}`);
+      log(tls ? "error" : "warn", tls ? "broker certificate not trusted" : "broker error", {
+        broker: cfg.url,
+        error: err.message,
+        hint: tls
+          ? "check MQTT_CA, and that INGEST_STREAM names a host in the broker's certificate"
+          : undefined,
+      });
     }
     lastError = err.message;
   });

@@ -151,6 +151,11 @@ export class ProductionProcess {
     }
   }
 
+  /** Log lines whose `msg` is `msg`. */
+  find(msg: string): LogLine[] {
+    return this.lines.filter((l) => l.msg === msg);
+  }
+
   /** Everything printed, for failure messages. */
   tail(n = 40): string {
     return [...this.lines.map((l) => JSON.stringify(l)), ...this.other].slice(-n).join("\n");
