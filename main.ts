@@ -5,6 +5,7 @@
 
 import { ConfigError, loadConfig, mergedEnv, readEnvFile } from "./lib/config.ts";
 import { describe } from "./lib/db.ts";
+import { startEmbedded } from "./lib/embedded.ts";
 import { log, setLogLevel } from "./lib/log.ts";
 import { startService } from "./lib/service.ts";
 import { VERSION } from "./lib/version.ts";
@@ -42,11 +43,20 @@ async function main(args: string[]): Promise<number> {
     state_dir: config.stateDir,
   });
 
+  // Development only: an embedded broker and database where none is configured or running.
+  let embedded;
+  try {
+    embedded = await startEmbedded(config);
+  } catch (e) {
+    log("error", "cannot start the embedded broker or database", { error: e });
+    return 1;
+  }
   let service;
   try {
-    service = startService(config);
+    service = startService(embedded.config);
   } catch (e) {
     log("error", "cannot start", { error: e });
+    await embedded.stop();
     return 1;
   }
   let stopRequested: (() => void) | null = null;
@@ -70,6 +80,7 @@ async function main(args: string[]): Promise<number> {
 
   const fatal = await Promise.race([stopped.then(() => null), service.fatal]);
   const { drained, pending } = await service.stop(SHUTDOWN_DEADLINE_MS);
+  await embedded.stop();
   log(drained ? "info" : "warn", "stopped", { pending_in_spool: pending });
   return fatal ? 1 : 0;
 }

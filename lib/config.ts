@@ -22,6 +22,8 @@ export interface DbConfig {
   readonly caPath: string | undefined;
   /** False when TS_HOST was unset and the development default is used. */
   readonly explicit: boolean;
+  /** Connections in the pool (default 2); 1 for the embedded database (lib/embedded.ts). */
+  readonly poolSize?: number;
 }
 
 export interface MqttConfig {
@@ -37,6 +39,8 @@ export interface MqttConfig {
   readonly shareGroup: string | undefined;
   /** False when INGEST_STREAM was unset and the development default is used. */
   readonly explicit: boolean;
+  /** 5 (MQTT 5, default) or 4 (MQTT 3.1.1, for the embedded broker, which lacks 5). */
+  readonly protocolVersion?: 4 | 5;
 }
 
 export interface Config {
@@ -158,7 +162,10 @@ export function loadConfig(
     topic = `ingest/stream/${channel}`;
   }
   const shareGroup = get("INGEST_SHARE_GROUP");
-  const mqttUrl = brokerUrl(required("INGEST_STREAM", "localhost"), problems);
+  // DEV_MQTT_PORT moves the development default (localhost:1883), as TS_PORT
+  // does for the database; tests use it to find nothing on the default.
+  const devBroker = `localhost:${int("DEV_MQTT_PORT", 1883, 1, 65535)}`;
+  const mqttUrl = brokerUrl(required("INGEST_STREAM", devBroker), problems);
   const caFile = file("MQTT_CA");
   const mqtt: MqttConfig = {
     url: caFile && mqttUrl.startsWith("mqtt://") ? mqttUrl.replace("mqtt://", "mqtts://") : mqttUrl,
@@ -171,6 +178,7 @@ export function loadConfig(
     key: file("MQTT_KEY"),
     shareGroup,
     explicit: get("INGEST_STREAM") !== undefined,
+    protocolVersion: 5,
   };
 
   // PostgreSQL

@@ -35,7 +35,7 @@ export function tlsOptions(cfg: DbConfig): false | Record<string, unknown> {
 }
 
 /** Opens a lazy connection pool. `search_path` is pinned so nothing resolves elsewhere. */
-export function connect(cfg: DbConfig, max = 2): Sql {
+export function connect(cfg: DbConfig, max = cfg.poolSize ?? 2): Sql {
   return postgres({
     host: cfg.host,
     port: cfg.port,

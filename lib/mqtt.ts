@@ -36,8 +36,11 @@ export function startMqtt(
   const client = mqtt.connect(cfg.url, {
     clientId: cfg.clientId,
     clean: false,
-    protocolVersion: 5,
-    properties: { sessionExpiryInterval: SESSION_EXPIRY_SECONDS },
+    protocolVersion: cfg.protocolVersion ?? 5,
+    // MQTT 3.1.1 has no session expiry: a clean:false session lasts until the broker drops it.
+    properties: cfg.protocolVersion === 4
+      ? undefined
+      : { sessionExpiryInterval: SESSION_EXPIRY_SECONDS },
     keepalive: 30,
     reconnectPeriod: 1000,
     connectTimeout: 10_000,

@@ -10,6 +10,7 @@ import { type OpsServer, startHttp } from "./http.ts";
 import { log } from "./log.ts";
 import { Metrics } from "./metrics.ts";
 import { type MqttEvents, startMqtt } from "./mqtt.ts";
+import { Provisioner } from "./provision.ts";
 import { RejectStore } from "./rejects.ts";
 import { SchemaCache } from "./schema.ts";
 import { Spool } from "./spool.ts";
@@ -75,6 +76,7 @@ export function startService(config: Config, hooks: ServiceHooks = {}): Service 
     batchMaxMessages: config.batchMaxMessages,
     batchMaxWaitMs: config.batchMaxWaitMs,
     events: both<WriterEvents>(metrics.writer, hooks.writer),
+    provision: config.autoCreateTables ? new Provisioner(sql, config.schema) : undefined,
   });
   const writing = writer.start();
 

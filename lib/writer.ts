@@ -8,13 +8,14 @@
 
 import { errorText, isTransient, type Sql, type Tx } from "./db.ts";
 import { qualified } from "./ident.ts";
-import { parseMessage } from "./ir.ts";
+import { type IrMessage, parseMessage } from "./ir.ts";
 import { log } from "./log.ts";
 import { reject } from "./rejection.ts";
 import type { RejectedMessage, RejectStore } from "./rejects.ts";
+import type { Provisioner } from "./provision.ts";
 import type { SchemaCache } from "./schema.ts";
 import type { Spool, SpoolEntry } from "./spool.ts";
-import { buildInsert, mergeInto, type RowGroup, translate } from "./translate.ts";
+import { buildInsert, mergeInto, type RowGroup, type TableInfo, translate } from "./translate.ts";
 
 /** The table that records how far each client's spool is committed. */
 export const PROGRESS_TABLE = "sif_stream_progress";
@@ -41,6 +42,8 @@ export interface WriterOptions {
   readonly events?: WriterEvents;
   /** Longest wait between retries. */
   readonly maxBackoffMs?: number;
+  /** AUTO_CREATE_TABLES: creates a missing app table before its first insert. */
+  readonly provision?: Provisioner;
   /** When idle, check the database this often (readiness); default 5 s. */
   readonly checkIntervalMs?: number;
 }
@@ -60,6 +63,7 @@ export class Writer {
   #dbOk: boolean | null = null;
   #lastOkAt = 0;
   #running: Promise<void> | null = null;
+  readonly #provisionFailed = new Map<string, number>();
   readonly #o: WriterOptions;
   readonly #progress: string;
 
@@ -222,10 +226,32 @@ export class Writer {
     if (!parsed.ok) return this.#rejected(entry, parsed.rejection);
     const { schema } = this.#o;
     const table = parsed.message.appId;
-    let t = translate(parsed.message, await schema.get(table));
+    let info = await schema.get(table);
+    if (info === null && this.#o.provision) info = await this.#provision(parsed.message);
+    let t = translate(parsed.message, info);
     if (!t.ok && t.missingColumn) t = translate(parsed.message, await schema.refresh(table));
     if (!t.ok) return this.#rejected(entry, t.rejection);
     return { entry, ok: true, groups: t.groups, rows: t.rows, table };
+  }
+
+  /**
+   * Creates the missing table `msg` names. A permanent failure (no CREATE
+   * privilege, say) leaves it missing, so the message is rejected as
+   * `invalid app`; the table is not tried again for a minute.
+   */
+  async #provision(msg: IrMessage): Promise<TableInfo | null> {
+    const table = msg.appId;
+    if ((this.#provisionFailed.get(table) ?? 0) > Date.now()) return null;
+    try {
+      const done = await this.#o.provision!.ensureTable(msg);
+      if (!done.ok) throw new Error(done.reason);
+    } catch (e) {
+      if (isTransient(e)) throw e;
+      this.#provisionFailed.set(table, Date.now() + 60_000);
+      log("warn", "cannot create app table", { app_id: table, error: errorText(e) });
+    }
+    this.#o.schema.invalidate(table);
+    return await this.#o.schema.get(table);
   }
 
   #rejected(entry: SpoolEntry, rejection: RejectedMessage["rejection"]): Prepared {
