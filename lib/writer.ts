@@ -131,12 +131,14 @@ export class Writer {
   /** Creates the service's tables and skips what a previous run already committed. */
   async #init(): Promise<void> {
     const { sql, errorsSql, rejects, spool, clientId } = this.#o;
-    await rejects.ensureTables(errorsSql);
-    await sql.unsafe(`CREATE TABLE IF NOT EXISTS ${this.#progress} (
+    await raceSafe(() => rejects.ensureTables(errorsSql));
+    await raceSafe(() =>
+      sql.unsafe(`CREATE TABLE IF NOT EXISTS ${this.#progress} (
       client_id TEXT PRIMARY KEY,
       spool_epoch TEXT NOT NULL,
       last_seq BIGINT NOT NULL,
-      updated_at TIMESTAMPTZ NOT NULL DEFAULT now())`);
+      updated_at TIMESTAMPTZ NOT NULL DEFAULT now())`)
+    );
     const rows = await sql.unsafe<{ spool_epoch: string; last_seq: string }[]>(
       `SELECT spool_epoch, last_seq FROM ${this.#progress} WHERE client_id = $1`,
       [clientId],
@@ -360,6 +362,21 @@ export class Writer {
       });
     }
     return { rows, rejected: rejected.length };
+  }
+}
+
+/**
+ * Runs a `CREATE ... IF NOT EXISTS` again when another instance created the
+ * same object at the same moment (PostgreSQL then reports a duplicate instead
+ * of skipping), as happens when scaled-out instances start together.
+ */
+async function raceSafe(create: () => Promise<unknown>): Promise<void> {
+  try {
+    await create();
+  } catch (e) {
+    const code = (e as { code?: unknown }).code;
+    if (code !== "23505" && code !== "42P07" && code !== "42710") throw e;
+    await create();
   }
 }
 
