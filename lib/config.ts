@@ -247,7 +247,12 @@ export function loadConfig(
 function brokerUrl(raw: string, problems: string[]): string {
   const m = /^(?:(mqtts?):\/\/)?(\[[^\]]+\]|[^:/\s]+)(?::(\d+))?\/?$/.exec(raw);
   if (!m) {
-    problems.push(`INGEST_STREAM must be host, host:port or mqtt(s)://host:port (got "${raw}")`);
+    // Never echo credentials someone put into the address.
+    const shown = raw.replace(/^((?:[a-z]+:\/\/)?)[^@/\s]*@/i, "$1***@");
+    const hint = shown === raw ? "" : "; credentials go in MQTT_USERNAME and MQTT_PASSWORD";
+    problems.push(
+      `INGEST_STREAM must be host, host:port or mqtt(s)://host:port (got "${shown}")${hint}`,
+    );
     return "mqtt://localhost:1883";
   }
   const scheme = m[1] ?? "mqtt";

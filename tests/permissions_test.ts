@@ -87,6 +87,16 @@ Deno.test("PRODUCTION without TS_HOST: exit 2 with one line naming it", async ()
   assert.equal(p.lines[0]!.msg, "configuration: TS_HOST is required when ENV=PRODUCTION");
 });
 
+Deno.test("credentials inside INGEST_STREAM are refused without being echoed", async () => {
+  const env = productionEnv("/nonexistent/never-created", "public", uid());
+  env.INGEST_STREAM = "mqtts://ingest:hunter2@broker.internal:8883";
+  const p = ProductionProcess.start(env);
+  assert.equal(await p.exit(30_000), 2);
+  assert.deepEqual(p.lines.map((l) => l.msg), [
+    'configuration: INGEST_STREAM must be host, host:port or mqtt(s)://host:port (got "mqtts://***@broker.internal:8883"); credentials go in MQTT_USERNAME and MQTT_PASSWORD',
+  ]);
+});
+
 Deno.test({
   name: "PRODUCTION with the compile flags: stores a message, serves /readyz, SIGTERM exits 0",
   ...npmSockets,
