@@ -121,7 +121,16 @@ export class Writer {
             entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
           }
         }
-        await this.#retrying("write batch", () => this.#write(entries));
+        // After a failure part of the batch may be committed already (a split
+        // commits its parts one by one, or a COMMIT went through unseen when
+        // the connection broke): read the progress again and write the rest.
+        let retry = false;
+        await this.#retrying("write batch", async () => {
+          if (retry) await this.#skipCommitted();
+          retry = true;
+          const rest = entries.filter((e) => e.seq > this.#lastSeq);
+          if (rest.length > 0) await this.#write(rest);
+        });
       }
     } catch (e) {
       if (!(e instanceof Stopped)) throw e;
@@ -130,7 +139,7 @@ export class Writer {
 
   /** Creates the service's tables and skips what a previous run already committed. */
   async #init(): Promise<void> {
-    const { sql, errorsSql, rejects, spool, clientId } = this.#o;
+    const { sql, errorsSql, rejects } = this.#o;
     await raceSafe(() => rejects.ensureTables(errorsSql));
     await raceSafe(() =>
       sql.unsafe(`CREATE TABLE IF NOT EXISTS ${this.#progress} (
@@ -139,12 +148,18 @@ export class Writer {
       last_seq BIGINT NOT NULL,
       updated_at TIMESTAMPTZ NOT NULL DEFAULT now())`)
     );
+    await this.#skipCommitted();
+  }
+
+  /** Moves past (and drops from the spool) what the progress table says is committed. */
+  async #skipCommitted(): Promise<void> {
+    const { sql, spool, clientId } = this.#o;
     const rows = await sql.unsafe<{ spool_epoch: string; last_seq: string }[]>(
       `SELECT spool_epoch, last_seq FROM ${this.#progress} WHERE client_id = $1`,
       [clientId],
     );
     const row = rows[0];
-    if (row && row.spool_epoch === spool.epoch) {
+    if (row && row.spool_epoch === spool.epoch && Number(row.last_seq) > this.#lastSeq) {
       this.#lastSeq = Number(row.last_seq);
       const before = spool.count;
       spool.deleteThrough(this.#lastSeq);
