@@ -23,16 +23,28 @@ import { RejectStore } from "../lib/rejects.ts";
 import { SchemaCache } from "../lib/schema.ts";
 import { buildInsert, translate } from "../lib/translate.ts";
 import { parseMessage } from "../lib/ir.ts";
+import { DEMO_ERROR, runDemo } from "../tools/demo.ts";
 import { ServiceProcess } from "./helpers/process.ts";
 import { npmSockets, waitFor } from "./helpers/service.ts";
 
-/** A TCP port nothing listens on right now. */
+/**
+ * A TCP port nothing listens on right now, below the ephemeral range (32768+): a port
+ * that was some client's ephemeral port can sit in TIME-WAIT and refuse a listener, which
+ * the real defaults (1883, 5432) never do.
+ */
 async function sparePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((done) => server.listen(0, "127.0.0.1", done));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((done) => server.close(() => done()));
-  return port;
+  for (;;) {
+    const port = 20000 + Math.floor(Math.random() * 12000);
+    if (await answers("127.0.0.1", port)) continue;
+    const server = createServer();
+    const ok = await new Promise<boolean>((done) => {
+      server.once("error", () => done(false));
+      server.listen(port, "127.0.0.1", () => done(true));
+    });
+    if (!ok) continue;
+    await new Promise<void>((done) => server.close(() => done()));
+    return port;
+  }
 }
 
 /** A client of the embedded database as the tests use it (any client, not the service). */
@@ -359,6 +371,22 @@ Deno.test({
       ]);
       await sql.end({ timeout: 5 });
       sql = null;
+
+      // `deno task demo` with the same (empty) settings: every row and the error arrive.
+      const printed: string[] = [];
+      const demo = await runDemo(
+        loadConfig({ DEV_MQTT_PORT: String(mqttPort), TS_PORT: String(pgPort) }),
+        (line) => printed.push(line),
+      );
+      assert.ok(demo.complete, printed.join("\n"));
+      assert.deepEqual(
+        Object.fromEntries(Object.entries(demo.tables).map(([t, rows]) => [t, rows.length])),
+        { demo_weather: 18, demo_power: 12, demo_garden: 3 },
+      );
+      assert.deepEqual(demo.errors.filter((e) => e.app_id !== "bare_weather"), [
+        { app_id: "demo_weather", device: "station-9", error: DEMO_ERROR },
+      ]);
+      assert.ok(printed.includes('public."errorTable" (refreshed by this run):'));
 
       assert.deepEqual(await svc.stop(), { code: 0, signal: null });
       assert.equal(await answers("127.0.0.1", pgPort), false, "embedded PostgreSQL stopped");
