@@ -402,7 +402,8 @@ export function testEnv(id: string, stateDir: string, options: TestServiceOption
 
 /**
  * Starts the service in-process and resolves once its subscription is acknowledged (so
- * nothing published afterwards can be missed). Dispose it to stop it, delete its spool,
+ * nothing published afterwards can be missed) and its writer has set up the database.
+ * Dispose it to stop it, delete its spool,
  * its progress row and its broker session.
  */
 export async function startTestService(options: TestServiceOptions = {}): Promise<TestService> {
@@ -453,6 +454,8 @@ export async function startTestService(options: TestServiceOptions = {}): Promis
       });
     });
     publisher = await Publisher.connect();
+    // The writer has created its tables ("errorTable", dead letters, progress).
+    await waitFor(() => service.writer.databaseOk, 15_000, "the writer's database set-up");
   } catch (e) {
     await cleanup();
     throw e;
