@@ -14,6 +14,8 @@ export type Accept = (topic: string, payload: Uint8Array) => boolean;
 export interface MqttEvents {
   connected?(ok: boolean): void;
   received?(): void;
+  /** The broker granted the subscription to `topic`. */
+  subscribed?(topic: string): void;
   /** The broker refused our credentials or authorization: not worth retrying. */
   fatal?(reason: string): void;
 }
@@ -113,6 +115,7 @@ export function startMqtt(
         return;
       }
       log("info", "subscribed", { topic: cfg.topic, qos: code });
+      events.subscribed?.(cfg.topic);
     });
   });
   client.on("close", () => {

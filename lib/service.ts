@@ -14,6 +14,7 @@ import { Provisioner } from "./provision.ts";
 import { RejectStore } from "./rejects.ts";
 import { SchemaCache } from "./schema.ts";
 import { Spool } from "./spool.ts";
+import { replacePrevious } from "./subscription.ts";
 import { Writer, type WriterEvents } from "./writer.ts";
 
 export interface ServiceHooks {
@@ -94,6 +95,10 @@ export function startService(config: Config, hooks: ServiceHooks = {}): Service 
     fatal(reason) {
       hooks.mqtt?.fatal?.(reason);
       onFatal(reason);
+    },
+    subscribed(topic) {
+      hooks.mqtt?.subscribed?.(topic);
+      replacePrevious(client, config.stateDir, config.mqtt.clientId, topic);
     },
   });
 

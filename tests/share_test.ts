@@ -124,3 +124,81 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "joining a share group under the same client id drops the old subscription: no doubles",
+  ...npmSockets,
+  fn: async () => {
+    await ensureTestDatabase();
+    const sql = adminSql();
+    const schema = await testSchema(sql);
+    const id = uid();
+    const topic = `test/rejoin-${id}`;
+    const clientId = `sif-test-rejoin-${id}`;
+    const stateDir = await Deno.makeTempDir({ prefix: "sif-rejoin-" });
+    const pub = await publisher();
+    let service: Service | null = null;
+    setLogLevel("error");
+    const start = async (group: string | undefined) => {
+      const config = loadConfig({
+        ENV: "DEVELOPMENT",
+        INGEST_STREAM: LOCAL_BROKER,
+        MQTT_TOPIC: `${topic}/#`,
+        INGEST_SHARE_GROUP: group ?? "",
+        MQTT_CLIENT_ID: clientId,
+        TS_HOST: "127.0.0.1",
+        TS_USER: "postgres",
+        TS_DATABASE: TEST_DATABASE,
+        TS_SCHEMA: schema.name,
+        STATE_DIR: stateDir,
+        AUTO_CREATE_TABLES: "false",
+        HTTP_PORT: "0",
+        BATCH_MAX_WAIT_MS: "5",
+        LOG_LEVEL: "error",
+      });
+      const s = startService(config);
+      await subscribed(s);
+      return s;
+    };
+    try {
+      // First without a group, then (same client id, same spool) in a group.
+      service = await start(undefined);
+      await service.stop(5000);
+      service = await start(`g${id}`);
+      // The old subscription is dropped right after the new one is granted.
+      await until(
+        async () => {
+          try {
+            const saved = JSON.parse(await Deno.readTextFile(`${stateDir}/subscription.json`));
+            return saved.topic === `$share/g${id}/${topic}/#`;
+          } catch {
+            return false;
+          }
+        },
+        10_000,
+        "the new subscription remembered",
+      );
+
+      await publishAll(pub, `${topic}/0`, Array.from({ length: 50 }, (_, i) => reading(i)));
+      const svc = service;
+      await until(
+        async () => (await counts(svc)).stored >= 50 && svc.spool.count === 0,
+        15_000,
+        "50 stored",
+      );
+      await new Promise((r) => setTimeout(r, 300)); // doubles would arrive meanwhile
+      assert.deepEqual(await counts(svc), { received: 50, stored: 50 });
+      const [row] = await sql.unsafe<{ n: number }[]>(
+        `SELECT count(*)::int AS n FROM ${schema.table}`,
+      );
+      assert.equal(row!.n, 50);
+    } finally {
+      await service?.stop(5000);
+      await pub.endAsync();
+      await clearSession(clientId).catch(() => {});
+      await Deno.remove(stateDir, { recursive: true }).catch(() => {});
+      await schema[Symbol.asyncDispose]();
+      await sql.end({ timeout: 5 });
+    }
+  },
+});
