@@ -98,7 +98,8 @@ Deno.test("credentials inside INGEST_STREAM are refused without being echoed", a
 });
 
 Deno.test({
-  name: "PRODUCTION with the compile flags: stores a message, serves /readyz, SIGTERM exits 0",
+  name:
+    "PRODUCTION with the compile flags, as under systemd: stores, serves /readyz, SIGTERM exits 0",
   ...npmSockets,
   fn: async () => {
     await ensureTestDatabase();
@@ -111,10 +112,14 @@ Deno.test({
       ...productionEnv(stateDir, schema.name, id),
       HTTP_PORT: String(port),
     };
+    // systemd's StateDirectory= sets STATE_DIRECTORY; STATE_DIR stays unset.
+    delete env.STATE_DIR;
+    env.STATE_DIRECTORY = stateDir;
     const p = ProductionProcess.start(env);
     const pub = await publisher();
     try {
       await p.waitFor("subscribed", 30_000);
+      assert.equal(p.find("starting")[0]?.state_dir, stateDir);
       await until(async () => (await get(port, "/readyz")).status === 200, 15_000, "ready");
       await publishAll(pub, `test/prod-${id}/0`, [reading(42)]);
       const rows = await until(
