@@ -13,6 +13,7 @@ import assert from "node:assert/strict";
 import mqtt from "mqtt";
 import postgres from "postgres";
 import {
+  freePort,
   type MqttInstance,
   type PgInstance,
   startMosquitto,
@@ -636,6 +637,149 @@ Deno.test({
     } finally {
       await pub?.close();
       await rig.close();
+    }
+  },
+});
+
+/**
+ * deploy/mosquitto.conf as shipped, with only addresses, ports and paths
+ * moved into a temp dir (127.0.0.2 stands in for the private interface).
+ */
+async function deployedMosquitto(): Promise<{
+  privatePort: number;
+  loopbackPort: number;
+  start(): Promise<void>;
+  stop(): Promise<void>;
+  destroy(): Promise<void>;
+}> {
+  const dir = await Deno.makeTempDir({ prefix: "sif-mqtt-deploy-" });
+  const privatePort = freePort();
+  const loopbackPort = freePort();
+  let conf = await Deno.readTextFile(new URL("../deploy/mosquitto.conf", import.meta.url));
+  const swap = (from: RegExp, to: string) => {
+    assert.match(conf, from, `deploy/mosquitto.conf has ${from}`);
+    conf = conf.replace(from, to);
+  };
+  swap(/^listener 1883 10\.0\.0\.10$/m, `listener ${privatePort} 127.0.0.2`);
+  swap(/^listener 1883 127\.0\.0\.1$/m, `listener ${loopbackPort} 127.0.0.1`);
+  swap(/^persistence_location \/var\/lib\/mosquitto\/$/m, `persistence_location ${dir}/`);
+  swap(/^password_file \/etc\/mosquitto\/passwd$/m, `password_file ${dir}/passwd`);
+  swap(/^pid_file .*$/m, "");
+  // As root Mosquitto would switch to `mosquitto`, which cannot write the temp dir.
+  swap(/^user mosquitto$/m, Deno.uid() === 0 ? "user root" : "");
+  await Deno.writeTextFile(`${dir}/mosquitto.conf`, conf);
+  const passwd = await new Deno.Command("/usr/bin/mosquitto_passwd", {
+    args: ["-b", "-c", `${dir}/passwd`, "sif", "secret"],
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  assert.ok(passwd.success, new TextDecoder().decode(passwd.stderr));
+  let child: Deno.ChildProcess | null = null;
+  let log = "";
+  const start = async () => {
+    child = new Deno.Command("/usr/bin/setpriv", {
+      args: ["--pdeathsig", "KILL", "--", "/usr/sbin/mosquitto", "-c", `${dir}/mosquitto.conf`],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const c = child;
+    (async () => {
+      for await (const chunk of c.stderr) log += new TextDecoder().decode(chunk);
+    })();
+    await waitFor(
+      "the deployed mosquitto's listeners",
+      async () => {
+        for (const [hostname, port] of [["127.0.0.2", privatePort], ["127.0.0.1", loopbackPort]]) {
+          const conn = await Deno.connect({ hostname: hostname as string, port: port as number });
+          conn.close();
+        }
+        return true;
+      },
+      10_000,
+      () => log,
+    );
+  };
+  const stop = async () => {
+    const c = child;
+    if (!c) return;
+    child = null;
+    c.kill("SIGTERM");
+    await c.status;
+  };
+  await start();
+  return {
+    privatePort,
+    loopbackPort,
+    start,
+    stop,
+    async destroy() {
+      await stop();
+      await Deno.remove(dir, { recursive: true }).catch(() => {});
+    },
+  };
+}
+
+Deno.test({
+  name: "deploy/mosquitto.conf: keeps 3000 queued QoS 1 messages of an away session over a restart",
+  ...npmSockets,
+  async fn() {
+    const broker = await deployedMosquitto();
+    const clients: mqtt.MqttClient[] = [];
+    const got = new Set<string>();
+    const connect = (port: number, host: string, opts: mqtt.IClientOptions) =>
+      new Promise<mqtt.MqttClient>((resolve, reject) => {
+        const c = mqtt.connect(`mqtt://${host}:${port}`, {
+          reconnectPeriod: 0,
+          connectTimeout: 5000,
+          ...opts,
+        });
+        // Queued messages follow the CONNACK at once: listen before connecting.
+        c.on("message", (_t, payload) => got.add(new TextDecoder().decode(payload)));
+        clients.push(c);
+        c.once("connect", () => resolve(c));
+        c.once("error", reject);
+      });
+    try {
+      // Anonymous clients are refused.
+      await assert.rejects(
+        connect(broker.loopbackPort, "127.0.0.1", { protocolVersion: 5 }),
+        /Not authorized|Bad User Name or Password/i,
+      );
+      // The service's session, as lib/mqtt.ts opens it, then away.
+      const session = {
+        clientId: "sif-stream-broker-deploy-test",
+        clean: false,
+        protocolVersion: 5 as const,
+        properties: { sessionExpiryInterval: 3600 },
+        username: "sif",
+        password: "secret",
+      };
+      const sub = await connect(broker.loopbackPort, "127.0.0.1", session);
+      await sub.subscribeAsync("ingest/stream/#", { qos: 1 });
+      await sub.endAsync();
+
+      // The ingest-broker publishes 3000 messages (three times Mosquitto's default queue).
+      const pub = await connect(broker.privatePort, "127.0.0.2", {
+        protocolVersion: 4,
+        username: "sif",
+        password: "secret",
+      });
+      await Promise.all(
+        Array.from({ length: 3000 }, (_, i) => pub.publishAsync(TOPIC, `m${i}`, { qos: 1 })),
+      );
+      await pub.endAsync();
+
+      await broker.stop();
+      await broker.start();
+
+      assert.equal(got.size, 0);
+      await connect(broker.loopbackPort, "127.0.0.1", session);
+      await waitFor("3000 queued messages", () => got.size === 3000, 15_000, () => `${got.size}`);
+      assert.equal(got.has("m0") && got.has("m2999"), true);
+    } finally {
+      await Promise.allSettled(clients.map((c) => c.endAsync(true)));
+      await broker.destroy();
     }
   },
 });
