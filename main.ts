@@ -5,7 +5,6 @@
 
 import { ConfigError, loadConfig, mergedEnv, readEnvFile } from "./lib/config.ts";
 import { describe } from "./lib/db.ts";
-import { startEmbedded } from "./lib/embedded.ts";
 import { log, setLogLevel } from "./lib/log.ts";
 import { startService } from "./lib/service.ts";
 import { VERSION } from "./lib/version.ts";
@@ -44,12 +43,16 @@ async function main(args: string[]): Promise<number> {
   });
 
   // Development only: an embedded broker and database where none is configured or running.
-  let embedded;
-  try {
-    embedded = await startEmbedded(config);
-  } catch (e) {
-    log("error", "cannot start the embedded broker or database", { error: e });
-    return 1;
+  // Loaded only then: production never evaluates them.
+  let embedded = { config, stop: () => Promise.resolve() };
+  if (config.env === "DEVELOPMENT") {
+    try {
+      const { startEmbedded } = await import("./lib/embedded.ts");
+      embedded = await startEmbedded(config);
+    } catch (e) {
+      log("error", "cannot start the embedded broker or database", { error: e });
+      return 1;
+    }
   }
   let service;
   try {

@@ -17,7 +17,7 @@ import mqtt from "mqtt";
 import postgres from "postgres";
 import { loadConfig } from "../lib/config.ts";
 import { connect } from "../lib/db.ts";
-import { answers, startDatabase, startEmbedded } from "../lib/embedded.ts";
+import { answers, startBroker, startDatabase, startEmbedded } from "../lib/embedded.ts";
 import { Provisioner } from "../lib/provision.ts";
 import { RejectStore } from "../lib/rejects.ts";
 import { SchemaCache } from "../lib/schema.ts";
@@ -59,6 +59,57 @@ function client(port: number, max = 1): postgres.Sql {
     connect_timeout: 10,
   });
 }
+
+Deno.test({
+  name: "embedded broker: no MQTT 5; MQTT 3.1.1 keeps a clean:false session and QoS 1 queue",
+  ...npmSockets,
+  async fn() {
+    const port = await sparePort();
+    const broker = await startBroker("localhost", port);
+    const url = `mqtt://localhost:${port}`;
+    try {
+      // What the service asks for by default: refused, so it asks aedes for 3.1.1.
+      const v5 = mqtt.connect(url, {
+        protocolVersion: 5,
+        clean: false,
+        clientId: "v5",
+        properties: { sessionExpiryInterval: 60 },
+        reconnectPeriod: 0,
+      });
+      const refused = await new Promise<string>((done) => {
+        v5.on("error", (e) => done(e.message));
+        v5.on("connect", () => done("connected"));
+      });
+      v5.end(true);
+      assert.equal(refused, "Connection refused: Unacceptable protocol version");
+
+      const opts = {
+        protocolVersion: 4 as const,
+        clean: false,
+        clientId: "svc",
+        reconnectPeriod: 0,
+      };
+      const sub = await mqtt.connectAsync(url, opts);
+      await sub.subscribeAsync("ingest/stream/#", { qos: 1 });
+      await sub.endAsync();
+      const pub = await mqtt.connectAsync(url, { protocolVersion: 4, reconnectPeriod: 0 });
+      for (const n of ["1", "2", "3"]) await pub.publishAsync("ingest/stream/0", n, { qos: 1 });
+      await pub.endAsync();
+      const got: string[] = [];
+      const again = mqtt.connect(url, opts);
+      again.on("message", (_t, p) => got.push(String(p)));
+      const present = await new Promise<boolean>((done) =>
+        again.on("connect", (c) => done(c.sessionPresent))
+      );
+      assert.equal(present, true);
+      await waitFor(() => got.length === 3, 5000, "queued messages");
+      assert.deepEqual(got, ["1", "2", "3"]);
+      await again.endAsync();
+    } finally {
+      await broker.stop();
+    }
+  },
+});
 
 Deno.test({
   name: "embedded PostgreSQL: the service's statements and startup settings work on PGlite",

@@ -330,3 +330,30 @@ Deno.test({
     assert.deepEqual((await errorRows(sql, app, schema.name)).map((e) => e.error), ["invalid app"]);
   },
 });
+
+Deno.test({
+  name: "service: a table that cannot be created is rejected as invalid app; others go on",
+  ...npmSockets,
+  async fn() {
+    await ensureDatabase();
+    await using sql = db();
+    await using schema = await createSchema(sql, "clash");
+    // CREATE TABLE also creates a row type of the table's name: an existing type of that
+    // name makes it fail with 42710, a permanent error that must not stall the writer.
+    await sql.unsafe(`CREATE TYPE ${ident(schema.name)}.clash AS ENUM ('a')`);
+    await using svc = await startTestService({
+      schema: schema.name,
+      env: { AUTO_CREATE_TABLES: "true" },
+    });
+    const good = `dave_${uid()}`;
+    await svc.publish({ app_id: "clash", data: { time: 1700000000, payload: { t: 1 } } });
+    await svc.publish({ app_id: "clash", data: { time: 1700000001, payload: { t: 2 } } });
+    await svc.publish({ app_id: good, data: { time: 1700000000, payload: { t: 3 } } });
+    await svc.idle(3);
+    assert.deepEqual((await errorRows(sql, "clash", schema.name)).map((e) => e.error), [
+      "invalid app",
+    ]);
+    const [r] = await sql.unsafe(`SELECT metric, value FROM ${ident(schema.name)}.${ident(good)}`);
+    assert.deepEqual({ ...r }, { metric: "t", value: 3 });
+  },
+});
