@@ -57,7 +57,9 @@ class Stopped extends Error {}
 
 export class Writer {
   #lastSeq = 0;
+  /** Ends the current sleep: on new messages (idle sleeps) and on stop (all sleeps). */
   #wake: (() => void) | null = null;
+  #wakeOnStop: (() => void) | null = null;
   #stopAt = Infinity;
   #stopping = false;
   #dbOk: boolean | null = null;
@@ -96,6 +98,7 @@ export class Writer {
     this.#stopping = true;
     this.#stopAt = Date.now() + deadlineMs;
     this.#wake?.();
+    this.#wakeOnStop?.();
     await this.start().catch(() => {});
     return this.#o.spool.count === 0;
   }
@@ -117,7 +120,7 @@ export class Writer {
           // Small batch: give it a moment to fill, bounded by the oldest message's age.
           const wait = entries[0]!.receivedAt + this.#o.batchMaxWaitMs - Date.now();
           if (wait > 0) {
-            await this.#sleep(wait);
+            await this.#sleep(wait, { onlyStopWakes: true });
             entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
           }
         }
@@ -192,7 +195,7 @@ export class Writer {
         this.#setDb(false, what, e, delay);
         if (!transient) log("error", `cannot ${what}`, { error: errorText(e), attempt });
         if (this.#stopping && Date.now() + delay > this.#stopAt) throw new Stopped();
-        await this.#sleep(delay, true);
+        await this.#sleep(delay, { evenIfStopping: true, onlyStopWakes: true });
       }
     }
   }
@@ -211,17 +214,26 @@ export class Writer {
     }
   }
 
-  #sleep(ms: number, evenIfStopping = false): Promise<void> {
+  /**
+   * Sleeps `ms` (Infinity: until woken). New messages end only idle sleeps;
+   * batch-fill waits and retry backoff are ended early only by stop().
+   */
+  #sleep(
+    ms: number,
+    { evenIfStopping = false, onlyStopWakes = false } = {},
+  ): Promise<void> {
     if (this.#stopping && !evenIfStopping) return Promise.resolve();
     return new Promise((resolve) => {
       let timer: ReturnType<typeof setTimeout> | undefined;
       const done = () => {
         clearTimeout(timer);
         if (this.#wake === done) this.#wake = null;
+        if (this.#wakeOnStop === done) this.#wakeOnStop = null;
         resolve();
       };
       if (Number.isFinite(ms)) timer = setTimeout(done, ms);
-      this.#wake = done;
+      if (onlyStopWakes) this.#wakeOnStop = done;
+      else this.#wake = done;
     });
   }
 
