@@ -362,7 +362,11 @@ export class Writer {
       for (const group of merged.values()) {
         for (const part of chunks(group, ROWS_PER_STATEMENT)) {
           const stmt = buildInsert(part);
-          await tx.unsafe(stmt.text, stmt.values as never[], { prepare: true });
+          // Untyped (oid 0): the statement's casts decide. Left to itself postgres.js
+          // declares an array by its first element, so [true, ...] became `bool` and
+          // `$n::bool[]` failed ("cannot cast type boolean to boolean[]").
+          const values = stmt.values.map((v) => tx.typed(v as never, 0));
+          await tx.unsafe(stmt.text, values as never[], { prepare: true });
         }
       }
       if (!separateErrors) await rejects.record(tx, rejected);

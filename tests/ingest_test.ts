@@ -385,3 +385,67 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "metadata by column type: numbers and booleans into text, boolean and integer columns",
+  ...npmSockets,
+  async fn() {
+    await using sql = db();
+    await using svc = await startTestService();
+    await using table = await createAppTable(sql, {
+      label: "VARCHAR(128)",
+      flag: "BOOLEAN",
+      count: "INTEGER",
+      ratio: "REAL",
+      note: "TEXT",
+    });
+    const meta = (metadata: Record<string, unknown>, v: number) => ({
+      app_id: table.name,
+      data: { time: T0, device: `d${v}`, metadata, payload: { [`m${v}`]: v } },
+    });
+    await svc.publishAll([
+      meta({ label: 3, flag: true, count: 42, ratio: 0.5, note: false }, 1),
+      meta({ label: 1.25, flag: false, count: -7, ratio: -2, note: "x" }, 2),
+      meta({ label: "t", flag: null, count: null, ratio: null, note: null }, 3),
+      meta({ flag: "yes" }, 4),
+      meta({ flag: 1 }, 5),
+    ]);
+    await svc.idle(5);
+    assert.deepEqual(await readRows(sql, table), [
+      {
+        time: T0_ISO,
+        metric: "m1",
+        value: 1,
+        label: "3",
+        flag: true,
+        count: 42,
+        ratio: 0.5,
+        note: "false",
+      },
+      {
+        time: T0_ISO,
+        metric: "m2",
+        value: 2,
+        label: "1.25",
+        flag: false,
+        count: -7,
+        ratio: -2,
+        note: "x",
+      },
+      {
+        time: T0_ISO,
+        metric: "m3",
+        value: 3,
+        label: "t",
+        flag: null,
+        count: null,
+        ratio: null,
+        note: null,
+      },
+    ]);
+    assert.deepEqual((await errorRows(sql, table.name)).map((r) => [r.error, r.device]), [
+      ["unexpected number (expected boolean)", "d5"],
+      ["unexpected string (expected boolean)", "d4"],
+    ]);
+  },
+});

@@ -325,7 +325,7 @@ Deno.test({
       ),
       {
         numRuns: NUM_RUNS,
-        plugins: [fc.interruptAfterTimeLimit(90_000, { failOnInterrupt: true })],
+        plugins: [fc.interruptAfterTimeLimit(45_000, { failOnInterrupt: true })],
       },
     );
     console.log(
