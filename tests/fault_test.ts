@@ -566,10 +566,21 @@ Deno.test({
     const rig = await Rig.open();
     let pub: Publisher | undefined;
     try {
-      const svc = await rig.startReady();
+      // Load: a backlog of 20,000 messages at the broker plus a live stream.
+      const first = await rig.startReady();
+      assert.deepEqual(await first.stop(), { code: 0, signal: null });
       pub = await rig.publisher();
+      for (let i = 0; i < 20_000; i++) pub.publish();
+      await pub.settled(30_000);
+      const svc = rig.start();
+      await svc.waitForLog("subscribed", 20_000);
       pub.stream(1000);
-      await sleep(3000);
+      await sleep(1500);
+      const m = await svc.metrics();
+      const atSignal = {
+        acknowledged: m.get("sif_messages_acknowledged_total"),
+        in_spool: m.get("sif_spool_messages"),
+      };
       const signalled = Date.now();
       svc.signal("SIGTERM");
       const exit = await svc.exit(30_000);
@@ -585,12 +596,57 @@ Deno.test({
       pub.stopStream();
       await pub.settled();
       assert.equal(pub.acked.size, pub.sent);
+      assert.ok(atExit.stored < pub.sent, "some messages were still at the broker");
       const next = rig.start();
       const t = await rig.waitStored(pub.acked, 30_000);
-      report("6 SIGTERM under load", pub, t, { stored_at_exit: atExit.stored, exit_ms: tookMs });
+      report("6 SIGTERM under load", pub, t, {
+        at_signal: atSignal,
+        stored_at_exit: atExit.stored,
+        exit_ms: tookMs,
+      });
       assert.deepEqual(lostIds(pub.acked, t), []);
       assert.equal(t.stored, pub.sent);
       assert.equal(t.total, pub.sent, "no duplicate rows");
+      assert.deepEqual(await next.stop(), { code: 0, signal: null });
+    } finally {
+      await pub?.close();
+      await rig.close();
+    }
+  },
+});
+
+Deno.test({
+  name: "fault 6b: a second SIGTERM while draining exits at once; the spool keeps the rest",
+  ...npmSockets,
+  async fn() {
+    const rig = await Rig.open();
+    let pub: Publisher | undefined;
+    try {
+      const svc = await rig.startReady();
+      await rig.pg.stop();
+      pub = await rig.publisher();
+      for (let i = 0; i < 300; i++) pub.publish();
+      await pub.settled();
+      await waitFor("300 messages spooled", async () => (await rig.spoolCount()) === 300, 10_000);
+
+      // The database is down: the first signal starts a drain that cannot finish.
+      svc.signal("SIGTERM");
+      await svc.waitForLog("stopping", 5000);
+      await sleep(1500);
+      assert.equal(svc.running, true, "still draining after the first signal");
+      const second = Date.now();
+      svc.signal("SIGTERM");
+      const exit = await svc.exit(5000);
+      assert.ok(Date.now() - second < 2000, `exited ${Date.now() - second} ms after the second`);
+      assert.equal(exit.code, 130);
+      assert.equal(svc.find((l) => l.msg.startsWith("second signal")).length, 1);
+
+      await rig.pg.start();
+      const next = rig.start();
+      const t = await rig.waitStored(pub.acked, 30_000);
+      report("6b second signal", pub, t);
+      assert.equal(t.stored, 300);
+      assert.equal(t.total, 300);
       assert.deepEqual(await next.stop(), { code: 0, signal: null });
     } finally {
       await pub?.close();
