@@ -30,7 +30,7 @@ const NUM_RUNS = 8;
 const SERVICE_TABLES = ["errorTable", "sif_dead_letter", "sif_stream_progress"];
 
 /** Extra columns of the target table: name → [SQL type, kind, char limit]. */
-const COLUMNS: Record<string, [string, "text" | "number", number | null]> = {
+const COLUMNS: Record<string, [string, "text" | "number" | "boolean", number | null]> = {
   site: ["VARCHAR(128)", "text", 128],
   'quo"te': ["VARCHAR(128)", "text", 128],
   "ünï cödé 😀": ["VARCHAR(128)", "text", 128],
@@ -39,6 +39,7 @@ const COLUMNS: Record<string, [string, "text" | "number", number | null]> = {
   short: ["VARCHAR(5)", "text", 5],
   note: ["TEXT", "text", null],
   num: ["DOUBLE PRECISION", "number", null],
+  flag: ["BOOLEAN", "boolean", null],
 };
 const COLUMN_NAMES = Object.keys(COLUMNS);
 /** A Map, so that keys such as "toString" or "__proto__" are not columns by accident. */
@@ -143,7 +144,7 @@ function chars(s: string): number {
   return [...s].length;
 }
 
-type Cell = string | number | null;
+type Cell = string | number | boolean | null;
 interface ExpectedRow {
   metric: string;
   value: number;
@@ -162,6 +163,7 @@ function model(wire: { app_id: string; data: Record<string, unknown> }, target: 
     if (v === null) return null;
     if (typeof v === "string" && !textOk(v)) return undefined;
     if (col[1] === "number") return typeof v === "number" ? v : undefined;
+    if (col[1] === "boolean") return typeof v === "boolean" ? v : undefined;
     const text = String(v);
     return col[2] !== null && chars(text) > col[2] ? undefined : text;
   };
