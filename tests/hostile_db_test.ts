@@ -94,6 +94,8 @@ Deno.test({
     await sql.unsafe(`INSERT INTO ${ident(schema)}.y VALUES (1, 'keep me')`);
     const victim = await createAppTable(sql, {}, { schema, name: "victim" });
     await sql.unsafe(`INSERT INTO ${victim.qualified} VALUES (now(), 'm', 1)`);
+    // Looks like an app table, but a view is not one.
+    await sql.unsafe(`CREATE VIEW ${ident(schema)}.view_app AS SELECT * FROM ${victim.qualified}`);
     const before = await s.others();
     const sidesBefore = await fingerprint(sql, "public", []);
 
@@ -109,6 +111,7 @@ Deno.test({
       "y",
       "victim ",
       "Victim",
+      "view_app",
     ];
     // Metadata named like the columns of the service's own tables, should any be reached.
     const metadata = { app_id: "pwned", error: "pwned", device: "pwned", topic: "pwned" };

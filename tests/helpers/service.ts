@@ -419,6 +419,7 @@ export async function startTestService(options: TestServiceOptions = {}): Promis
     mqtt: { received: () => void received++ },
     writer: { batch: ({ messages, rows, rejected }) => batches.push({ messages, rows, rejected }) },
   });
+  const source = `${config.mqtt.clientId}/${service.spool.epoch}`;
   let publisher: Publisher | null = null;
   let stopping: Promise<{ drained: boolean; pending: number }> | null = null;
   const stop = (deadlineMs?: number) => stopping ??= service.stop(deadlineMs);
@@ -427,12 +428,21 @@ export async function startTestService(options: TestServiceOptions = {}): Promis
     await publisher?.close();
     await clearSession(config.mqtt.clientId).catch(() => {});
     await Deno.remove(stateDir, { recursive: true }).catch(() => {});
+    // What this service wrote to the shared tables: its progress row, its dead letters
+    // and the "errorTable" rows of the (unique) app ids it dead-lettered.
     const sql = adminSql(config.db.database, 1);
+    const schema = ident(config.schema);
     try {
+      await sql.unsafe(`DELETE FROM ${schema}.${ident(PROGRESS_TABLE)} WHERE client_id = $1`, [
+        config.mqtt.clientId,
+      ]).catch(() => {});
       await sql.unsafe(
-        `DELETE FROM ${ident(config.schema)}.${ident(PROGRESS_TABLE)} WHERE client_id = $1`,
-        [config.mqtt.clientId],
+        `DELETE FROM ${schema}."errorTable" WHERE app_id IN
+           (SELECT app_id FROM ${schema}.sif_dead_letter WHERE source = $1)`,
+        [source],
       ).catch(() => {});
+      await sql.unsafe(`DELETE FROM ${schema}.sif_dead_letter WHERE source = $1`, [source])
+        .catch(() => {});
     } finally {
       await sql.end({ timeout: 5 });
     }
@@ -466,7 +476,7 @@ export async function startTestService(options: TestServiceOptions = {}): Promis
     id,
     config,
     service,
-    source: `${config.mqtt.clientId}/${service.spool.epoch}`,
+    source,
     topic,
     get received() {
       return received;
