@@ -87,18 +87,24 @@ export async function startEmbedded(config: Config): Promise<Embedded> {
         const pg = await startDatabase(dataDir, db.host, db.port);
         stops.push(pg.stop);
         running.push("postgres");
-        // PGlite is one database in one backend session: one connection, no TLS.
-        db = { ...db, sslMode: "disable", ca: undefined, caPath: undefined, poolSize: 1 };
-        if (errorsDb.database !== db.database) {
-          log("warn", "embedded PostgreSQL has one database: TS_DATABASE_ERRORS is ignored", {
-            database: db.database,
-          });
-        }
+        // PGlite is one database and one user in one backend session (it ignores the
+        // names a client asks for): one connection, no TLS, errors in the same database.
+        db = {
+          ...db,
+          user: "postgres",
+          database: "postgres",
+          password: undefined,
+          sslMode: "disable",
+          ca: undefined,
+          caPath: undefined,
+          poolSize: 1,
+        };
         errorsDb = db;
         log("info", "embedded PostgreSQL running (development only)", {
           address: pg.address,
           data_dir: dataDir,
           engine: pg.version,
+          database: "postgres (the only one: TS_DATABASE, TS_DATABASE_ERRORS, TS_USER unused)",
           connections: "one query at a time; the service uses a pool of 1",
         });
       }
