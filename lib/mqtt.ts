@@ -1,7 +1,10 @@
 /**
  * The MQTT side: a QoS 1 subscription on a persistent session. Each message
  * is handed to `accept` (which makes it durable) before mqtt.js sends its
- * PUBACK, so an acknowledged message is never only in memory.
+ * PUBACK, so an acknowledged message is never only in memory. With a
+ * `GroupCommit`, `accept` only stages messages and one disk commit covers
+ * all messages of a socket read; their PUBACKs wait in the corked socket
+ * until that commit has returned.
  */
 
 import mqtt from "mqtt";
@@ -10,6 +13,24 @@ import { log } from "./log.ts";
 
 /** Makes a message durable; returns false to withhold the acknowledgement (full spool). */
 export type Accept = (topic: string, payload: Uint8Array) => boolean;
+
+/**
+ * Group commit: `accept` stages a message, `commit` makes every staged
+ * message durable at once (one transaction instead of one per message).
+ */
+export interface GroupCommit {
+  /** Makes the staged messages durable; throws on a disk error. */
+  commit(): void;
+  /** Drops the staged messages after a disk error (they are not acknowledged). */
+  rollback(): void;
+}
+
+/**
+ * Most messages per group. Their PUBACKs (4 to 7 bytes each) wait in the
+ * socket's buffer and must stay under its 16 KiB high-water mark, or mqtt.js
+ * would wait for a "drain" that only the commit brings.
+ */
+export const MAX_GROUP = 1000;
 
 export interface MqttEvents {
   connected?(ok: boolean): void;
@@ -34,6 +55,7 @@ export function startMqtt(
   cfg: MqttConfig,
   accept: Accept,
   events: MqttEvents = {},
+  group?: GroupCommit,
 ): mqtt.MqttClient {
   const client = mqtt.connect(cfg.url, {
     clientId: cfg.clientId,
@@ -53,6 +75,8 @@ export function startMqtt(
     cert: cfg.cert,
     key: cfg.key,
     rejectUnauthorized: true,
+    // mqtt.js logs through `debug` several times per packet; that costs even when off.
+    log: () => {},
   });
   let connected = false;
   let backpressureSince = 0;
@@ -62,18 +86,41 @@ export function startMqtt(
     client.options.reconnectPeriod = Math.min(30_000, (client.options.reconnectPeriod ?? 1000) * 2);
   });
 
+  // The open group: the socket its PUBACKs are corked in, and how many there are.
+  let open: { stream: mqtt.MqttClient["stream"]; messages: number } | null = null;
+  // Disk error: acknowledge nothing that is not durable. Dropping the connection
+  // discards the PUBACKs corked in it; the broker sends those messages again.
+  const failed = (e: unknown, messages: number) => {
+    group?.rollback();
+    open = null;
+    log("error", "cannot spool message, not acknowledging", { messages, error: e });
+    client.end(true, () => client.reconnect());
+  };
+  // Commits the open group, then lets its PUBACKs go.
+  const flush = () => {
+    const g = open;
+    if (!g || !group) return;
+    open = null;
+    try {
+      group.commit();
+    } catch (e) {
+      failed(e, g.messages);
+      return;
+    }
+    g.stream.uncork();
+  };
+
   client.handleMessage = (packet, done) => {
     events.received?.();
     const topic = packet.topic;
     const payload = packet.payload as Uint8Array;
+    if (open && open.stream !== client.stream) flush();
     const tryAccept = () => {
       let ok: boolean;
       try {
         ok = accept(topic, payload);
       } catch (e) {
-        // Disk error: do not acknowledge; the broker redelivers after reconnect.
-        log("error", "cannot spool message, not acknowledging", { topic, error: e });
-        client.end(true, () => client.reconnect());
+        failed(e, (open?.messages ?? 0) + 1);
         return;
       }
       if (ok) {
@@ -83,9 +130,22 @@ export function startMqtt(
           });
           backpressureSince = 0;
         }
-        done();
+        if (!group) {
+          done();
+          return;
+        }
+        if (!open) {
+          open = { stream: client.stream, messages: 0 };
+          open.stream.cork();
+          // Runs once every message already read from the socket is staged.
+          setImmediate(flush);
+        }
+        open.messages++;
+        done(); // its PUBACK waits in the corked socket
+        if (open && open.messages >= MAX_GROUP) flush();
         return;
       }
+      flush(); // what is staged can be acknowledged meanwhile
       if (!backpressureSince) {
         backpressureSince = Date.now();
         log("error", "spool full: not acknowledging until the database catches up", { topic });

@@ -86,9 +86,8 @@ export function startService(config: Config, hooks: ServiceHooks = {}): Service 
   writing.catch((e) => onFatal(`writer stopped: ${(e as Error).message}`));
   const client = startMqtt(config.mqtt, (topic, payload) => {
     if (spool.bytes >= config.spoolMaxBytes) return false;
-    spool.append(topic, payload, Date.now());
+    spool.stage(topic, payload, Date.now());
     metrics.acknowledged();
-    writer.notify();
     return true;
   }, {
     ...both<MqttEvents>(metrics.mqtt, hooks.mqtt),
@@ -100,6 +99,12 @@ export function startService(config: Config, hooks: ServiceHooks = {}): Service 
       hooks.mqtt?.subscribed?.(topic);
       replacePrevious(client, config.stateDir, config.mqtt.clientId, topic);
     },
+  }, {
+    // One spool transaction per socket read; PUBACKs go out after it (lib/mqtt.ts).
+    commit: () => {
+      if (spool.commit() > 0) writer.notify();
+    },
+    rollback: () => spool.rollback(),
   });
 
   const stop = (deadlineMs = 20_000) =>

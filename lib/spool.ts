@@ -30,6 +30,9 @@ export class Spool {
   readonly #deleted: StatementSync;
   #bytes = 0;
   #count = 0;
+  /** Messages staged in the open transaction, and the first one's seq. */
+  #staged = 0;
+  #stagedFirst = 0;
 
   private constructor(readonly path: string, options: SpoolOptions) {
     this.#db = new DatabaseSync(path);
@@ -52,13 +55,18 @@ export class Spool {
       "INSERT INTO messages (received_at, topic, payload) VALUES (?, ?, ?)",
     );
     this.#read = this.#db.prepare(
-      "SELECT seq, received_at, topic, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+      "SELECT seq, received_at, topic, payload FROM messages WHERE seq > ? AND seq < ? " +
+        "ORDER BY seq LIMIT ?",
     );
     this.#delete = this.#db.prepare("DELETE FROM messages WHERE seq <= ?");
     this.#deleted = this.#db.prepare(
       "SELECT count(*) AS n, coalesce(sum(length(payload) + length(topic)), 0) AS b " +
         "FROM messages WHERE seq <= ?",
     );
+    this.#recount();
+  }
+
+  #recount(): void {
     const totals = this.#db.prepare(
       "SELECT count(*) AS n, coalesce(sum(length(payload) + length(topic)), 0) AS b FROM messages",
     ).get() as { n: number; b: number };
@@ -80,17 +88,71 @@ export class Spool {
     }
   }
 
-  /** Appends one message durably; returns its sequence number. */
+  /** Appends one message durably (with what was staged before it); returns its sequence number. */
   append(topic: string, payload: Uint8Array, receivedAt: number): number {
-    const r = this.#insert.run(receivedAt, topic, payload);
-    this.#count++;
-    this.#bytes += payload.length + topic.length;
-    return Number(r.lastInsertRowid);
+    const seq = this.stage(topic, payload, receivedAt);
+    this.commit();
+    return seq;
   }
 
-  /** Up to `limit` messages after `afterSeq`, oldest first. */
+  /**
+   * Appends one message to the open transaction (group commit), starting one
+   * when none is open; returns its sequence number. The message is durable,
+   * and may be acknowledged, only once `commit()` has returned; until then
+   * `read()` does not return it. One transaction for a group of messages
+   * costs about as much as one for a single message (`deno task bench:micro`).
+   */
+  stage(topic: string, payload: Uint8Array, receivedAt: number): number {
+    if (this.#staged === 0) this.#db.exec("BEGIN");
+    let seq: number;
+    try {
+      seq = Number(this.#insert.run(receivedAt, topic, payload).lastInsertRowid);
+    } catch (e) {
+      if (this.#staged === 0) this.#db.exec("ROLLBACK");
+      throw e;
+    }
+    if (this.#staged === 0) this.#stagedFirst = seq;
+    const size = payload.length + topic.length;
+    this.#staged++;
+    this.#count++;
+    this.#bytes += size;
+    return seq;
+  }
+
+  /** Makes the staged messages durable; returns how many there were. Throws on a disk error. */
+  commit(): number {
+    const n = this.#staged;
+    if (n === 0) return 0;
+    this.#db.exec("COMMIT");
+    this.#staged = 0;
+    return n;
+  }
+
+  /**
+   * Drops the staged messages after a disk error (they were not acknowledged,
+   * so the broker sends them again).
+   */
+  rollback(): void {
+    if (this.#staged === 0) return;
+    this.#staged = 0;
+    try {
+      this.#db.exec("ROLLBACK");
+    } catch {
+      // SQLite already rolled back after the error
+    }
+    // Deletes made meanwhile were rolled back too: count again.
+    this.#recount();
+  }
+
+  /** Messages staged and not yet committed. */
+  get staged(): number {
+    return this.#staged;
+  }
+
+  /** Up to `limit` committed messages after `afterSeq`, oldest first. */
   read(afterSeq: number, limit: number): SpoolEntry[] {
-    const rows = this.#read.all(afterSeq, limit) as {
+    const before = this.#staged === 0 ? Number.MAX_SAFE_INTEGER : this.#stagedFirst;
+    const rows = this.#read.all(afterSeq, before, limit) as {
       seq: number;
       received_at: number;
       topic: string;
@@ -130,7 +192,9 @@ export class Spool {
     return row?.received_at ?? null;
   }
 
+  /** Closes the file; staged messages are dropped (they were not acknowledged). */
   close(): void {
+    this.#staged = 0;
     this.#db.close();
   }
 }
