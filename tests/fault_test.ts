@@ -323,13 +323,15 @@ Deno.test({
     try {
       let svc = await rig.startReady();
       pub = await rig.publisher();
-      pub.stream(250);
+      pub.stream(2000);
       const kills: number[] = [];
+      const sentAtKill: number[] = [];
       for (let i = 0; i < 4; i++) {
         const after = 600 + Math.floor(Math.random() * 1400);
         kills.push(after);
         await sleep(after);
         const exit = await svc.kill();
+        sentAtKill.push(pub.sent);
         assert.equal(exit.signal, "SIGKILL");
         await sleep(Math.floor(Math.random() * 400));
         svc = rig.start();
@@ -341,12 +343,25 @@ Deno.test({
       assert.equal(pub.acked.size, pub.sent, "the broker acknowledged every publish");
 
       const t = await rig.waitStored(pub.acked, 45_000);
-      report("2 service SIGKILL x4", pub, t, { kill_after_ms: kills });
+      // What the restarts found: spooled messages left by the killed run, and
+      // those of them already committed (killed between commit and spool delete).
+      const sum = (msg: string) =>
+        rig.services.flatMap((s) => s.find(msg)).reduce((n, l) => n + Number(l.messages), 0);
+      report("2 service SIGKILL x4", pub, t, {
+        kill_after_ms: kills,
+        replayed_from_spool: sum("spool has messages from a previous run"),
+        skipped_as_committed: sum("skipped spooled messages already committed"),
+        sent_at_kill: sentAtKill,
+        duplicate_ids: t.dupIds,
+      });
       assert.deepEqual(lostIds(pub.acked, t), []);
       assert.equal(t.stored, pub.sent);
       // A duplicate is only possible for a message that was spooled but whose
       // PUBACK died with the process: the broker delivers it again.
+      // Mosquitto has at most 20 (max_inflight_messages) unacknowledged
+      // messages out to the service, so each kill can cause at most 20.
       assert.ok(t.duplicated <= 4 * 20, `duplicates bounded by in-flight window: ${t.duplicated}`);
+      assert.ok(t.dupIds.every((id) => id < sentAtKill.at(-1)!), `duplicates: ${t.dupIds}`);
 
       const exit = await svc.stop();
       assert.deepEqual(exit, { code: 0, signal: null });
