@@ -314,6 +314,105 @@ Deno.test({
   },
 });
 
+/**
+ * A TCP proxy in front of PostgreSQL that, once armed, drops the connection
+ * right after the server's `CommandComplete "COMMIT"`: the transaction is
+ * committed, and the client sees a broken connection instead of the answer.
+ */
+function commitCuttingProxy(targetPort: number) {
+  // 'C', length 11, "COMMIT\0"
+  const commitDone = new Uint8Array([0x43, 0, 0, 0, 11, ...new TextEncoder().encode("COMMIT"), 0]);
+  const contains = (hay: Uint8Array, needle: Uint8Array) => {
+    outer: for (let i = 0; i + needle.length <= hay.length; i++) {
+      for (let j = 0; j < needle.length; j++) if (hay[i + j] !== needle[j]) continue outer;
+      return true;
+    }
+    return false;
+  };
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns = new Set<Deno.Conn>();
+  const state = { armed: false, cuts: 0 };
+  const closeBoth = (a: Deno.Conn, b: Deno.Conn) => {
+    for (const c of [a, b]) {
+      conns.delete(c);
+      try {
+        c.close();
+      } catch {
+        // already closed
+      }
+    }
+  };
+  const pipe = async (from: Deno.Conn, to: Deno.Conn, watch: boolean) => {
+    const buf = new Uint8Array(64 * 1024);
+    try {
+      for (;;) {
+        const n = await from.read(buf);
+        if (n === null) break;
+        const chunk = buf.subarray(0, n);
+        if (watch && state.armed && contains(chunk, commitDone)) {
+          state.armed = false;
+          state.cuts++;
+          break;
+        }
+        let off = 0;
+        while (off < n) off += await to.write(chunk.subarray(off));
+      }
+    } catch {
+      // the other direction closed the connection
+    }
+    closeBoth(from, to);
+  };
+  (async () => {
+    try {
+      for await (const client of listener) {
+        const server = await Deno.connect({ hostname: "127.0.0.1", port: targetPort });
+        conns.add(client).add(server);
+        pipe(client, server, false);
+        pipe(server, client, true);
+      }
+    } catch {
+      // listener closed
+    }
+  })();
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    state,
+    close() {
+      listener.close();
+      for (const c of [...conns]) closeBoth(c, c);
+    },
+  };
+}
+
+Deno.test({
+  name:
+    "fault 1b: the connection breaks after COMMIT reached the server: the batch is not written twice",
+  ...npmSockets,
+  async fn() {
+    const rig = await Rig.open();
+    const proxy = commitCuttingProxy(rig.pg.port);
+    let pub: Publisher | undefined;
+    try {
+      const svc = await rig.startReady({ TS_PORT: String(proxy.port) });
+      pub = await rig.publisher();
+      proxy.state.armed = true;
+      for (let i = 0; i < 500; i++) pub.publish();
+      await pub.settled();
+      const t = await rig.waitStored(pub.acked, 30_000);
+      report("1b commit answer lost", pub, t, { cuts: proxy.state.cuts });
+      assert.equal(proxy.state.cuts, 1, "one COMMIT answer was cut");
+      assert.ok(svc.find("database unavailable, retrying").length >= 1);
+      assert.equal(t.stored, 500);
+      assert.equal(t.total, 500, "the committed batch was not written again");
+      assert.deepEqual(await svc.stop(), { code: 0, signal: null });
+    } finally {
+      proxy.close();
+      await pub?.close();
+      await rig.close();
+    }
+  },
+});
+
 Deno.test({
   name: "fault 2: service SIGKILLed at random points, restarted: every acknowledged message lands",
   ...npmSockets,
