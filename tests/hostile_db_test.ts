@@ -45,7 +45,8 @@ async function serviceReady(sql: Sql, schema: string): Promise<void> {
 /** Every "errorTable" row of the schema as [app_id, error, device], sorted. */
 async function allErrors(sql: Sql, schema: string): Promise<string[][]> {
   const rows = await sql.unsafe(
-    `SELECT app_id, error, device FROM ${ident(schema)}."errorTable" ORDER BY 1, 2, 3`,
+    `SELECT app_id, error, device FROM ${ident(schema)}."errorTable"
+      ORDER BY app_id COLLATE "C", error COLLATE "C", device COLLATE "C"`,
   );
   return rows.map((r) => [r.app_id, r.error, r.device]);
 }

@@ -182,7 +182,7 @@ export async function readRows(sql: Sql, table: AppTable, columns = table.extra)
   const rows = await sql.unsafe(
     `SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS time,
             metric, value${cols}
-       FROM ${table.qualified} ORDER BY time, metric, value`,
+       FROM ${table.qualified} ORDER BY time, metric COLLATE "C", value`,
   );
   return rows.map((r) => ({ ...r }) as Row);
 }
@@ -237,7 +237,7 @@ export async function errorRows(
 ): Promise<ErrorRow[]> {
   const rows = await sql.unsafe<ErrorRow[]>(
     `SELECT app_id, error, device, "timestamp" FROM ${ident(schema)}."errorTable"
-      WHERE app_id = $1 ORDER BY error, device`,
+      WHERE app_id = $1 ORDER BY error COLLATE "C", device COLLATE "C"`,
     [appId],
   );
   return rows.map((r) => ({ ...r }));
