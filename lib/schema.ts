@@ -1,8 +1,9 @@
 /**
  * What app tables look like, read from the catalog and cached, so column and
  * type errors are found before a statement is sent. A miss (unknown table or
- * column) re-reads the catalog before the message is rejected: the table or
- * column may have been created a moment ago, right before the message was sent.
+ * column) is trusted only when the catalog was read after the message arrived:
+ * the table or column may have been created right before the message was sent.
+ * So a flood of messages for a missing table costs one catalog read per batch.
  */
 
 import type { Sql } from "./db.ts";
@@ -37,23 +38,33 @@ export class SchemaCache {
   constructor(
     private readonly sql: Sql,
     readonly schema: string,
-    /** Reuse a miss younger than this; 0 (default): a miss is always read again. */
+    /** Without `notBefore`: reuse a miss younger than this (default 0: read again). */
     private readonly minRefreshMs = 0,
     private readonly now: () => number = Date.now,
   ) {}
 
-  /** The table's columns, or null when it does not exist; cached. */
-  async get(table: string): Promise<TableInfo | null> {
+  /**
+   * The table's columns, or null when it does not exist; cached. A cached "does
+   * not exist" is reused only when it was read after `notBefore` (ms since the
+   * epoch; pass the message's receive time).
+   */
+  async get(table: string, notBefore?: number): Promise<TableInfo | null> {
     const hit = this.#entries.get(table);
-    if (hit && (hit.info !== null || this.now() - hit.readAt < this.minRefreshMs)) return hit.info;
+    if (hit && (hit.info !== null || this.#fresh(hit, notBefore))) return hit.info;
     return await this.#read(table);
   }
 
-  /** Re-reads the table when the cached copy is older than the refresh interval. */
-  async refresh(table: string): Promise<TableInfo | null> {
+  /** Re-reads the table (a column is missing) unless it was read after `notBefore`. */
+  async refresh(table: string, notBefore?: number): Promise<TableInfo | null> {
     const hit = this.#entries.get(table);
-    if (hit && this.now() - hit.readAt < this.minRefreshMs) return hit.info;
+    if (hit && this.#fresh(hit, notBefore)) return hit.info;
     return await this.#read(table);
+  }
+
+  #fresh(hit: Entry, notBefore: number | undefined): boolean {
+    return notBefore === undefined
+      ? this.now() - hit.readAt < this.minRefreshMs
+      : hit.readAt > notBefore;
   }
 
   /** Forgets a table (after a statement failed on it). */
@@ -62,6 +73,7 @@ export class SchemaCache {
   }
 
   async #read(table: string): Promise<TableInfo | null> {
+    const readAt = this.now(); // the catalog as of the query's start
     const rows = await this.sql.unsafe<{ name: string; type: string; typmod: number }[]>(
       `SELECT a.attname AS name, t.typname AS type, a.atttypmod AS typmod
          FROM pg_catalog.pg_attribute a
@@ -88,7 +100,7 @@ export class SchemaCache {
     if (this.#entries.size >= MAX_ENTRIES) {
       this.#entries.delete(this.#entries.keys().next().value!);
     }
-    this.#entries.set(table, { info, readAt: this.now() });
+    this.#entries.set(table, { info, readAt });
     return info;
   }
 }

@@ -255,10 +255,13 @@ export class Writer {
     if (!parsed.ok) return this.#rejected(entry, parsed.rejection);
     const { schema } = this.#o;
     const table = parsed.message.appId;
-    let info = await schema.get(table);
+    // A miss is trusted only when the catalog was read after the message arrived.
+    let info = await schema.get(table, entry.receivedAt);
     if (info === null && this.#o.provision) info = await this.#provision(parsed.message);
     let t = translate(parsed.message, info);
-    if (!t.ok && t.missingColumn) t = translate(parsed.message, await schema.refresh(table));
+    if (!t.ok && t.missingColumn) {
+      t = translate(parsed.message, await schema.refresh(table, entry.receivedAt));
+    }
     if (!t.ok) return this.#rejected(entry, t.rejection);
     return { entry, ok: true, groups: t.groups, rows: t.rows, table };
   }
