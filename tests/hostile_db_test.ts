@@ -17,6 +17,7 @@ import {
   ident,
   npmSockets,
   readRows,
+  sortedTuples,
   type Sql,
   startTestService,
   type TestService,
@@ -121,7 +122,7 @@ Deno.test({
 
     assert.deepEqual(
       (await allErrors(sql, schema)).map(([a, e]) => [a, e]),
-      appIds.map((a) => [a, "invalid app"]).sort((p, q) => (p[0]! < q[0]! ? -1 : 1)),
+      sortedTuples(appIds.map((a) => [a, "invalid app"])),
     );
     const dead = await deadLetters(sql, svc.source, schema);
     assert.deepEqual(dead.map((d) => [d.app_id, d.error]), appIds.map((a) => [a, "invalid app"]));
@@ -226,12 +227,12 @@ Deno.test({
     ]);
     assert.deepEqual(
       await allErrors(sql, schema),
-      [
+      sortedTuples([
         [ascii63, "metadata key is 64 bytes long (PostgreSQL allows 63)", "long-key"],
         [ascii63, "string metric is 65 bytes long (PostgreSQL allows 63)", "long-metric"],
         [ascii63 + "X", "app_id is 64 bytes long (PostgreSQL allows 63)", ""],
         [multi63.slice(0, -1) + "éé", "app_id is 65 bytes long (PostgreSQL allows 63)", ""],
-      ].sort((a, b) => (a.join("\0") < b.join("\0") ? -1 : 1)),
+      ]),
     );
     assert.deepEqual(await s.others(), before);
   },
@@ -491,10 +492,10 @@ Deno.test({
       ["x", "😀".repeat(128), null],
       ["x", null, "n".repeat(10_000)],
     ]);
-    const expected = [
+    const expected = sortedTuples([
       ...cases.filter(([, , e]) => e !== null).map(([d, , e]) => [app, e!, d]),
       ...odd.map(([, a, e, d]) => [a, e, d]),
-    ].sort((a, b) => (a.join("\0") < b.join("\0") ? -1 : 1));
+    ]);
     assert.deepEqual(await allErrors(sql, schema), expected);
     const dead = await deadLetters(sql, svc.source, schema);
     const bad = [...cases.entries()].filter(([, [, , e]]) => e !== null).map(([i]) => sent[i]);

@@ -13,6 +13,7 @@ import {
   errorRows,
   npmSockets,
   readRows,
+  sortedTuples,
   startTestService,
   uid,
   waitFor,
@@ -237,9 +238,7 @@ Deno.test({
     const mine = (await errorRows(sql, app)).map((r) => [r.error, r.device]);
     assert.deepEqual(
       mine,
-      cases.filter(([, , a]) => a === app).map(([d, , , e]) => [e, d]).sort((x, y) =>
-        x[0]! < y[0]! ? -1 : x[0]! > y[0]! ? 1 : x[1]! < y[1]! ? -1 : 1
-      ),
+      sortedTuples(cases.filter(([, , a]) => a === app).map(([d, , , e]) => [e, d])),
     );
     const invalidApp = await errorRows(sql, missing);
     assert.deepEqual(invalidApp.map((r) => [r.app_id, r.error]), [[missing, "invalid app"]]);

@@ -187,6 +187,17 @@ export async function readRows(sql: Sql, table: AppTable, columns = table.extra)
   return rows.map((r) => ({ ...r }) as Row);
 }
 
+/** Tuples of text sorted element by element, as `ORDER BY ... COLLATE "C"` sorts them. */
+export function sortedTuples<T extends readonly string[]>(rows: readonly T[]): T[] {
+  const cmp = (a: T, b: T): number => {
+    for (let i = 0; i < Math.min(a.length, b.length); i++) {
+      if (a[i] !== b[i]) return a[i]! < b[i]! ? -1 : 1;
+    }
+    return a.length - b.length;
+  };
+  return [...rows].sort(cmp);
+}
+
 /** Row count of a table. */
 export async function countRows(sql: Sql, qualified: string): Promise<number> {
   const [r] = await sql.unsafe(`SELECT count(*)::int AS n FROM ${qualified}`);
