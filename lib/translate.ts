@@ -63,7 +63,13 @@ export function isAppTable(info: TableInfo): boolean {
 export function translate(msg: IrMessage, table: TableInfo | null): Translation {
   const appId = msg.appId;
   if (table === null || !isAppTable(table)) {
-    return { ok: false, rejection: reject(Reasons.invalidApp, appId), missingColumn: false };
+    // Attributed to the first reading's device, so the user can tell which sender it was.
+    const device = msg.readings[0]?.device ?? "";
+    return {
+      ok: false,
+      rejection: reject(Reasons.invalidApp, appId, device),
+      missingColumn: false,
+    };
   }
   const metricLimit = table.columns.get("metric")!.maxChars;
   const groups = new Map<string, RowGroup>();

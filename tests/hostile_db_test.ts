@@ -187,7 +187,7 @@ Deno.test({
     ]);
     assert.deepEqual(await allErrors(sql, schema), [
       ["Mixed Case App", "invalid metadata", "bad-user"],
-      ["mixed case app", "invalid app", ""],
+      ["mixed case app", "invalid app", "bad-table-case"],
     ]);
     assert.deepEqual(await s.others(), before);
   },
@@ -640,7 +640,7 @@ Deno.test({
     tables.push(await createAppTable(sql, {}, { schema, name: late }));
     await svc.publish(msg(late, {}, "after-create"));
     await svc.idle(2);
-    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", ""]]);
+    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", "before-create"]]);
     assert.deepEqual((await readRows(sql, tables[0]!)).length, 1);
 
     const grows = await createAppTable(sql, {}, { schema });
@@ -651,6 +651,6 @@ Deno.test({
     await svc.publish(msg(grows.name, { metadata: { site: "new" } }, "new-column"));
     await svc.idle(4);
     assert.deepEqual((await readRows(sql, grows, ["site"])).map((r) => r.site), [null, "new"]);
-    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", ""]]);
+    assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", "before-create"]]);
   },
 });

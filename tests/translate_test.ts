@@ -284,7 +284,7 @@ for (const [name, table] of notApps) {
     assert.deepEqual(rejected(translate(msg, table)), {
       reason: "invalid app",
       appId: "errorTable",
-      device: "",
+      device: "dev",
       missingColumn: false,
     });
   });
