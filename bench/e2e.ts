@@ -35,6 +35,9 @@
  *   --profile           write a V8 CPU profile of the service for each run and print the top functions
  *   --inflight N        Mosquitto max_inflight_messages (default 0: unlimited)
  *   --keep              keep the bench schema (for inspection)
+ *   --quiet-wait S      before each run, wait up to S seconds for the machine to be idle
+ *   --memory-detail     print the service's resident memory by mapping at the end of each run
+ *   --publisher mqttjs  publish with mqtt.js instead of the lean raw MQTT 3.1.1 client
  *
  * Environment: BATCH_MAX_MESSAGES, BATCH_MAX_WAIT_MS and SPOOL_SYNC_FULL are
  * passed on to the service; BENCH_SERVICE_FLAGS adds Deno flags to the
@@ -45,7 +48,14 @@ import { parseArgs } from "node:util";
 import { join } from "node:path";
 import postgres from "postgres";
 import { type PgInstance, startMosquitto, startPostgres } from "../tests/helpers/servers.ts";
-import { Child, cpuSeconds, memory, pidsWithCommandLine } from "./proc.ts";
+import {
+  Child,
+  cpuSeconds,
+  localTcpPorts,
+  memory,
+  pidsWithCommandLine,
+  residentByMapping,
+} from "./proc.ts";
 import { createTableSql, ROWS_PER_MESSAGE } from "./workload.ts";
 import { topFunctions } from "./profile.ts";
 
@@ -69,6 +79,9 @@ interface Options {
   profile: boolean;
   inflight: number;
   keep: boolean;
+  quietWait: number;
+  memoryDetail: boolean;
+  publisher: "raw" | "mqttjs";
 }
 
 /** What one run measured. */
@@ -110,6 +123,9 @@ function parseOptions(): Options {
       profile: { type: "boolean", default: false },
       inflight: { type: "string", default: "0" },
       keep: { type: "boolean", default: false },
+      "quiet-wait": { type: "string", default: "0" },
+      "memory-detail": { type: "boolean", default: false },
+      publisher: { type: "string", default: "raw" },
     },
   });
   const phases = values.phases.split(",").map((p) => p.trim()).filter(Boolean);
@@ -137,6 +153,9 @@ function parseOptions(): Options {
     profile: values.profile,
     inflight: Math.floor(num("inflight", values.inflight)),
     keep: values.keep,
+    quietWait: num("quiet-wait", values["quiet-wait"]),
+    memoryDetail: values["memory-detail"],
+    publisher: values.publisher === "mqttjs" ? "mqttjs" : "raw",
   };
 }
 
@@ -188,6 +207,24 @@ function loadAverage(): string {
   return Deno.readTextFileSync("/proc/loadavg").split(" ").slice(0, 3).join(" ");
 }
 
+/** Share of all cores busy over `ms`, 0 to 1. */
+async function machineBusy(ms: number): Promise<number> {
+  const b0 = machineBusySeconds(), t0 = wallMs();
+  await sleep(ms);
+  return (machineBusySeconds() - b0) / ((wallMs() - t0) / 1000) / navigator.hardwareConcurrency;
+}
+
+/**
+ * Other work on the machine skews every figure: says how busy it is, and
+ * waits up to `seconds` for it to calm down (below 15% over 3 s).
+ */
+async function waitQuiet(seconds: number): Promise<void> {
+  const until = wallMs() + seconds * 1000;
+  let busy = await machineBusy(1000);
+  while (busy > 0.15 && wallMs() < until) busy = await machineBusy(3000);
+  say(`\n(before the run: machine ${fmt(busy * 100)}% busy, load average ${loadAverage()})`);
+}
+
 function machine(): string {
   const cpu = /model name\s*:\s*(.*)/.exec(Deno.readTextFileSync("/proc/cpuinfo"))?.[1] ?? "?";
   const memGb = Deno.systemMemoryInfo().total / 1024 ** 3;
@@ -226,9 +263,18 @@ class Bench {
     await sql.unsafe(createTableSql(this.table(name)));
   }
 
-  /** CPU seconds so far of the PostgreSQL processes of the cluster behind `sql`. */
-  async pgCpu(sql: postgres.Sql): Promise<Map<number, number>> {
-    const rows = await sql.unsafe<{ pid: number }[]>("SELECT pid FROM pg_stat_activity");
+  /**
+   * CPU seconds so far of the PostgreSQL backends serving process `client`
+   * (found by its sockets' local ports) and of the cluster's background
+   * processes (WAL writer, checkpointer...), not of other clients' backends.
+   */
+  async pgCpu(sql: postgres.Sql, client: number): Promise<Map<number, number>> {
+    const ports = localTcpPorts(client);
+    const rows = await sql.unsafe<{ pid: number }[]>(
+      `SELECT pid FROM pg_stat_activity
+        WHERE backend_type <> 'client backend' OR client_port = ANY($1::int[])`,
+      [ports],
+    );
     const m = new Map<number, number>();
     for (const { pid } of rows) m.set(pid, cpuSeconds(pid) ?? 0);
     return m;
@@ -246,7 +292,8 @@ class Bench {
       first: 1,
       count,
       rate,
-      window: rate === 0 ? 2000 : 20_000,
+      window: 10_000,
+      client: this.o.publisher,
     };
     this.publisherCpu = NaN;
     let pid = 0;
@@ -320,7 +367,7 @@ class Bench {
       const progressSql = `SELECT last_seq FROM "${this.schema}".sif_stream_progress
         WHERE client_id = '${clientId}'`;
       const cpu0 = this.cpuSnapshot(service.pid);
-      const pg0 = await this.pgCpu(sql);
+      const pg0 = await this.pgCpu(sql, service.pid);
       const publisher = this.startPublisher(name, appId, topic, count, rate);
       const published = publisher.waitForLine((l) => l.includes('"event":"done"'), 24 * 3600_000)
         .then((l) => JSON.parse(l) as { first_ms: number; last_ms: number; acked: number });
@@ -355,8 +402,14 @@ class Bench {
       }
       await extra;
       const peak = memory(service.pid)?.peak ?? null;
+      if (this.o.memoryDetail) {
+        const top = residentByMapping(service.pid).slice(0, 6);
+        notes.push(
+          "resident by mapping: " + top.map(([n, mb]) => `${n} ${fmt(mb, 1)} MB`).join(", "),
+        );
+      }
       const cpu = this.cpuDelta(cpu0, service.pid, publisher.pid);
-      cpu.postgres = await this.pgDelta(sql, pg0);
+      cpu.postgres = await this.pgDelta(sql, pg0, service.pid);
       const pub = await published.catch((e) => {
         notes.push(`publisher: ${(e as Error).message}`);
         return null;
@@ -388,6 +441,9 @@ class Bench {
       insert,
     };
     let processed = 0;
+    // Read when it reports "done", before it exits.
+    let atDone: { cpu: Record<string, number>; peak: number | null } | null = null;
+    let pid = 0, cpu0: Record<string, number> = {};
     const consumer = new Child(name, DENO, {
       args: [
         "run",
@@ -406,13 +462,17 @@ class Bench {
       onLine: (l) => {
         const m = /"processed":(\d+)/.exec(l);
         if (m) processed = Number(m[1]);
+        if (l.includes('"event":"done"')) {
+          atDone = { cpu: this.cpuDelta(cpu0, pid, 0), peak: memory(pid)?.peak ?? null };
+        }
       },
     });
+    pid = consumer.pid;
     const notes: string[] = [];
     try {
       await consumer.waitForLine((l) => l.includes('"event":"subscribed"'), 60_000);
-      const cpu0 = this.cpuSnapshot(consumer.pid);
-      const pg0 = await this.pgCpu(sql);
+      cpu0 = this.cpuSnapshot(consumer.pid);
+      const pg0 = await this.pgCpu(sql, consumer.pid);
       const publisher = this.startPublisher(name, appId, topic, count, 0);
       const published = publisher.waitForLine((l) => l.includes('"event":"done"'), 24 * 3600_000)
         .then((l) => JSON.parse(l) as { first_ms: number; last_ms: number; acked: number });
@@ -431,9 +491,13 @@ class Bench {
         }
         await sleep(250);
       }
-      const peak = memory(consumer.pid)?.peak ?? null;
-      const cpu = this.cpuDelta(cpu0, consumer.pid, publisher.pid);
-      cpu.postgres = await this.pgDelta(sql, pg0);
+      const end = atDone as { cpu: Record<string, number>; peak: number | null } | null;
+      const peak = end?.peak ?? memory(consumer.pid)?.peak ?? null;
+      const cpu = end?.cpu ?? this.cpuDelta(cpu0, consumer.pid, publisher.pid);
+      cpu.publisher = this.publisherCpu;
+      // Its backend starts with the first message and ends with it: not measured.
+      cpu.postgres = NaN;
+      void pg0;
       const pub = await published.catch(() => null);
       await consumer.stop(10_000);
       await publisher.stop(5000);
@@ -491,10 +555,12 @@ class Bench {
     };
   }
 
-  async pgDelta(sql: postgres.Sql, before: Map<number, number>): Promise<number> {
-    const after = await this.pgCpu(sql);
+  /** CPU seconds used since `before` by the same processes (and backends started since). */
+  async pgDelta(sql: postgres.Sql, before: Map<number, number>, client: number): Promise<number> {
+    const after = await this.pgCpu(sql, client);
     let total = 0;
     for (const [pid, s] of after) total += s - (before.get(pid) ?? 0);
+    for (const [pid, s] of before) if (!after.has(pid)) total += (cpuSeconds(pid) ?? s) - s;
     return total;
   }
 
@@ -645,7 +711,7 @@ async function main(): Promise<number> {
     for (const phase of o.phases) {
       if (interrupted) break;
       let r: RunResult;
-      say(`\n(load average before the run: ${loadAverage()})`);
+      await waitQuiet(o.quietWait);
       if (phase === "max") {
         say(`\n-- max: ${fmt(o.messages)} messages as fast as the publisher can send ...`);
         r = await bench.runService("max", sql, db, o.messages, 0, 1000);

@@ -150,3 +150,59 @@ export class Child {
     }
   }
 }
+
+/**
+ * Resident memory of a process by mapping (MiB, largest first): `[heap]` is
+ * malloc's main arena, `[anon]` anonymous mappings (the V8 heap, other malloc
+ * arenas, thread stacks), the rest are files. For finding what grows.
+ */
+export function residentByMapping(pid: number): Array<[string, number]> {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(`/proc/${pid}/smaps`);
+  } catch {
+    return [];
+  }
+  const sizes = new Map<string, number>();
+  let name = "";
+  for (const line of text.split("\n")) {
+    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (head) name = head[1] || "[anon]";
+    else if (line.startsWith("Rss:")) {
+      const kb = Number(/(\d+)/.exec(line)?.[1] ?? 0);
+      sizes.set(name, (sizes.get(name) ?? 0) + kb / 1024);
+    }
+  }
+  return [...sizes].sort((a, b) => b[1] - a[1]);
+}
+
+/** Local ports of the TCP connections process `pid` holds (from /proc/net/tcp and its fds). */
+export function localTcpPorts(pid: number): number[] {
+  const inodes = new Set<string>();
+  try {
+    for (const e of Deno.readDirSync(`/proc/${pid}/fd`)) {
+      try {
+        const m = /^socket:\[(\d+)\]$/.exec(Deno.readLinkSync(`/proc/${pid}/fd/${e.name}`));
+        if (m) inodes.add(m[1]!);
+      } catch {
+        // closed meanwhile
+      }
+    }
+  } catch {
+    return [];
+  }
+  const ports: number[] = [];
+  for (const file of ["/proc/net/tcp", "/proc/net/tcp6"]) {
+    let text = "";
+    try {
+      text = Deno.readTextFileSync(file);
+    } catch {
+      continue;
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length > 9 && inodes.has(f[9]!)) ports.push(parseInt(f[1]!.split(":")[1]!, 16));
+    }
+  }
+  return ports;
+}

@@ -48,10 +48,21 @@ export interface WriterOptions {
   readonly checkIntervalMs?: number;
 }
 
-/** A spooled message after parsing and translation. */
+/**
+ * A spooled message after parsing and translation. `groups` is null once its
+ * rows were merged into the batch's groups (they then die young instead of
+ * living, and being promoted by the GC, until the batch is written); a split
+ * prepares such a message again.
+ */
 type Prepared =
-  | { entry: SpoolEntry; ok: true; groups: RowGroup[]; rows: number; table: string }
+  | { entry: SpoolEntry; ok: true; groups: RowGroup[] | null; rows: number; table: string }
   | { entry: SpoolEntry; ok: false; rejected: RejectedMessage };
+
+/** A batch's messages, and their rows merged per table and column set. */
+interface Batch {
+  readonly prepared: Prepared[];
+  readonly merged: Map<string, RowGroup>;
+}
 
 class Stopped extends Error {}
 
@@ -65,6 +76,8 @@ export class Writer {
   #dbOk: boolean | null = null;
   #lastOkAt = 0;
   #running: Promise<void> | null = null;
+  /** Called once the current batch's first INSERT is sent (the database is busy). */
+  #onBusy: (() => void) | null = null;
   readonly #provisionFailed = new Map<string, number>();
   readonly #o: WriterOptions;
   readonly #progress: string;
@@ -106,8 +119,13 @@ export class Writer {
   async #run(): Promise<void> {
     try {
       await this.#retrying("prepare database", () => this.#init());
+      // The next batch, read and prepared while the current one is being written.
+      type Ahead = { entries: SpoolEntry[]; prepared: Promise<Batch> };
+      let ahead = null as Ahead | null; // (set in a callback: no narrowing to null)
       for (;;) {
-        let entries = this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
+        let entries = ahead?.entries ?? this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
+        const prepared = ahead?.prepared;
+        ahead = null;
         if (entries.length === 0) {
           if (this.#stopping) return;
           // Idle: a cheap query now and then, so readiness notices a database outage.
@@ -128,12 +146,23 @@ export class Writer {
         // commits its parts one by one, or a COMMIT went through unseen when
         // the connection broke): read the progress again and write the rest.
         let retry = false;
+        // Parsing and translating the next batch (CPU, this thread) overlaps
+        // with the database writing this one.
+        this.#onBusy = () => {
+          this.#onBusy = null;
+          const next = this.#o.spool.read(entries.at(-1)!.seq, this.#o.batchMaxMessages);
+          if (next.length === 0) return;
+          const p = this.#prepareBatch(next);
+          p.catch(() => {}); // a failure is met again when the batch is written
+          ahead = { entries: next, prepared: p };
+        };
         await this.#retrying("write batch", async () => {
           if (retry) await this.#skipCommitted();
           retry = true;
           const rest = entries.filter((e) => e.seq > this.#lastSeq);
-          if (rest.length > 0) await this.#write(rest);
+          if (rest.length > 0) await this.#write(rest, prepared);
         });
+        this.#onBusy = null;
       }
     } catch (e) {
       if (!(e instanceof Stopped)) throw e;
@@ -237,17 +266,41 @@ export class Writer {
     });
   }
 
-  async #write(entries: SpoolEntry[]): Promise<void> {
+  /** Writes `entries`; `ahead` holds the first of them prepared already. */
+  async #write(entries: SpoolEntry[], ahead?: Promise<Batch>): Promise<void> {
     const started = performance.now();
-    const prepared: Prepared[] = [];
-    for (const entry of entries) prepared.push(await this.#prepare(entry));
-    const { rows, rejected } = await this.#commitOrSplit(prepared);
+    const batch = await this.#prepareBatch(entries, (await ahead?.catch(() => null)) ?? null);
+    const { rows, rejected } = await this.#commitOrSplit(batch.prepared, batch.merged);
     this.#o.events?.batch?.({
       messages: entries.length,
       rows,
       rejected,
       seconds: (performance.now() - started) / 1000,
     });
+  }
+
+  /**
+   * Prepares `entries` and merges their rows as it goes; continues `from`
+   * when that holds the first of them.
+   */
+  async #prepareBatch(entries: SpoolEntry[], from: Batch | null = null): Promise<Batch> {
+    const n = from?.prepared.length ?? 0;
+    const reuse = from !== null && n > 0 && n <= entries.length &&
+      from.prepared[0]!.entry.seq === entries[0]!.seq &&
+      from.prepared[n - 1]!.entry.seq === entries[n - 1]!.seq;
+    const batch: Batch = reuse ? from : { prepared: [], merged: new Map() };
+    for (let i = batch.prepared.length; i < entries.length; i++) {
+      const p = await this.#prepare(entries[i]!);
+      if (p.ok) {
+        for (const g of p.groups!) {
+          const into = batch.merged.get(g.key);
+          if (into) mergeInto(into, g);
+          else batch.merged.set(g.key, g); // the message's own group becomes the batch's
+        }
+        batch.prepared.push({ ...p, groups: null });
+      } else batch.prepared.push(p);
+    }
+    return batch;
   }
 
   async #prepare(entry: SpoolEntry): Promise<Prepared> {
@@ -301,12 +354,19 @@ export class Writer {
   }
 
   /** Commits `prepared`; on a permanent error, halves it until the bad messages are alone. */
-  async #commitOrSplit(prepared: Prepared[]): Promise<{ rows: number; rejected: number }> {
+  async #commitOrSplit(
+    prepared: Prepared[],
+    merged?: Map<string, RowGroup>,
+  ): Promise<{ rows: number; rejected: number }> {
     try {
-      return await this.#commit(prepared);
+      return await this.#commit(prepared, merged);
     } catch (firstError) {
       let e = firstError;
       if (isTransient(e) || e instanceof Stopped) throw e;
+      // The rows were merged away: prepare the messages again to split them.
+      const full: Prepared[] = [];
+      for (const p of prepared) full.push(p.ok && !p.groups ? await this.#prepare(p.entry) : p);
+      prepared = full;
       if (prepared.length > 1) {
         const mid = prepared.length >> 1;
         const a = await this.#commitOrSplit(prepared.slice(0, mid));
@@ -339,9 +399,13 @@ export class Writer {
     }
   }
 
-  async #commit(prepared: Prepared[]): Promise<{ rows: number; rejected: number }> {
+  /** Commits `prepared`, whose rows are `merged` already when given. */
+  async #commit(
+    prepared: Prepared[],
+    given?: Map<string, RowGroup>,
+  ): Promise<{ rows: number; rejected: number }> {
     const { sql, errorsSql, rejects, spool, clientId } = this.#o;
-    const merged = new Map<string, RowGroup>();
+    const merged = given ?? new Map<string, RowGroup>();
     const rejected: RejectedMessage[] = [];
     let rows = 0;
     for (const p of prepared) {
@@ -350,7 +414,8 @@ export class Writer {
         continue;
       }
       rows += p.rows;
-      for (const g of p.groups) {
+      if (given) continue;
+      for (const g of p.groups!) {
         const into = merged.get(g.key);
         if (into) mergeInto(into, g);
         else merged.set(g.key, copyGroup(g));
@@ -361,7 +426,10 @@ export class Writer {
     // In a separate errors database the dead letters are keyed by spool
     // position, so recording them again after a failed commit is a no-op.
     if (separateErrors) await rejects.record(errorsSql, rejected);
-    await sql.begin(async (tx: Tx) => {
+    await sql.begin((tx: Tx) => {
+      // All statements are sent at once (pipelined): no round trip waits for
+      // this thread between them. The first error fails the transaction.
+      const sent: Promise<unknown>[] = [];
       for (const group of merged.values()) {
         for (const part of chunks(group, ROWS_PER_STATEMENT)) {
           const stmt = buildInsert(part);
@@ -369,19 +437,23 @@ export class Writer {
           // declares an array by its first element, so [true, ...] became `bool` and
           // `$n::bool[]` failed ("cannot cast type boolean to boolean[]").
           const values = stmt.values.map((v) => tx.typed(v as never, 0));
-          await tx.unsafe(stmt.text, values as never[], { prepare: true });
+          sent.push(tx.unsafe(stmt.text, values as never[], { prepare: true }).execute());
         }
       }
-      if (!separateErrors) await rejects.record(tx, rejected);
-      await tx.unsafe(
-        `INSERT INTO ${this.#progress} (client_id, spool_epoch, last_seq, updated_at)
-         VALUES ($1, $2, $3, now())
-         ON CONFLICT (client_id) DO UPDATE
-           SET spool_epoch = EXCLUDED.spool_epoch, last_seq = EXCLUDED.last_seq,
-               updated_at = EXCLUDED.updated_at`,
-        [clientId, spool.epoch, last],
-        { prepare: true },
+      if (!separateErrors) sent.push(rejects.record(tx, rejected));
+      sent.push(
+        tx.unsafe(
+          `INSERT INTO ${this.#progress} (client_id, spool_epoch, last_seq, updated_at)
+           VALUES ($1, $2, $3, now())
+           ON CONFLICT (client_id) DO UPDATE
+             SET spool_epoch = EXCLUDED.spool_epoch, last_seq = EXCLUDED.last_seq,
+                 updated_at = EXCLUDED.updated_at`,
+          [clientId, spool.epoch, last],
+          { prepare: true },
+        ).execute(),
       );
+      this.#onBusy?.();
+      return Promise.all(sent);
     });
     spool.deleteThrough(last);
     this.#lastSeq = last;
