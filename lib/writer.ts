@@ -15,7 +15,14 @@ import type { RejectedMessage, RejectStore } from "./rejects.ts";
 import type { Provisioner } from "./provision.ts";
 import type { SchemaCache } from "./schema.ts";
 import type { Spool, SpoolEntry } from "./spool.ts";
-import { buildInsert, mergeInto, type RowGroup, type TableInfo, translate } from "./translate.ts";
+import {
+  buildInsert,
+  type Cell,
+  mergeInto,
+  type RowGroup,
+  type TableInfo,
+  translate,
+} from "./translate.ts";
 
 /** The table that records how far each client's spool is committed. */
 export const PROGRESS_TABLE = "sif_stream_progress";
@@ -433,10 +440,11 @@ export class Writer {
       for (const group of merged.values()) {
         for (const part of chunks(group, ROWS_PER_STATEMENT)) {
           const stmt = buildInsert(part);
-          // Untyped (oid 0): the statement's casts decide. Left to itself postgres.js
-          // declares an array by its first element, so [true, ...] became `bool` and
-          // `$n::bool[]` failed ("cannot cast type boolean to boolean[]").
-          const values = stmt.values.map((v) => tx.typed(v as never, 0));
+          // Each array travels as one array literal, untyped (oid 0): the statement's
+          // casts decide. (postgres.js would declare an array by its first element,
+          // so [true, ...] became `bool` and `$n::bool[]` failed; and its own
+          // serializer costs this thread about three times as much.)
+          const values = stmt.values.map((v) => tx.typed(arrayLiteral(v as Cell[]) as never, 0));
           sent.push(tx.unsafe(stmt.text, values as never[], { prepare: true }).execute());
         }
       }
@@ -484,6 +492,28 @@ async function raceSafe(create: () => Promise<unknown>): Promise<void> {
     if (code !== "23505" && code !== "42P07" && code !== "42710") throw e;
     await create();
   }
+}
+
+/** Characters that must be escaped inside a double-quoted array element. */
+const ARRAY_SPECIAL = /["\\]/;
+
+/**
+ * The PostgreSQL array literal of `values` (`{"a","b\\"c",NULL,1.5,t}`), sent
+ * as one bind parameter. Strings are always quoted (so `NULL`, braces,
+ * commas and spaces stay text), with `\\` and `"` escaped; null is NULL.
+ */
+export function arrayLiteral(values: readonly Cell[]): string {
+  let out = "{";
+  for (let i = 0; i < values.length; i++) {
+    if (i > 0) out += ",";
+    const v = values[i];
+    if (v === null || v === undefined) out += "NULL";
+    else if (typeof v === "string") {
+      out += ARRAY_SPECIAL.test(v) ? '"' + v.replace(/["\\]/g, "\\$&") + '"' : '"' + v + '"';
+    } else if (typeof v === "boolean") out += v ? "t" : "f";
+    else out += String(v);
+  }
+  return out + "}";
 }
 
 function copyGroup(g: RowGroup): RowGroup {
