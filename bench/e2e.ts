@@ -386,7 +386,11 @@ class Bench {
           if (m) rss.push([(now - t0) / 1000, m.rss]);
           nextSample = now + sampleMs;
         }
-        const rows = await sql.unsafe<{ last_seq: string }[]>(progressSql).catch(() => []);
+        // (Bounded: during an outage the query waits for a connection.)
+        const rows = await Promise.race([
+          sql.unsafe<{ last_seq: string }[]>(progressSql).catch(() => []),
+          sleep(1000).then(() => []),
+        ]);
         const seq = Number(rows[0]?.last_seq ?? 0);
         if (seq !== lastSeq) (lastSeq = seq), (lastChange = now);
         if (seq >= count) break;
@@ -419,6 +423,7 @@ class Bench {
       await publisher.stop(5000);
       const result = await this.stats(sql, name, appId, count, rate, pub, peak, rss, cpu, notes);
       if (profileDir) await this.printProfile(profileDir);
+      await Deno.remove(stateDir, { recursive: true }).catch(() => {});
       return result;
     } finally {
       service.kill("SIGKILL");
@@ -494,11 +499,11 @@ class Bench {
       const end = atDone as { cpu: Record<string, number>; peak: number | null } | null;
       const peak = end?.peak ?? memory(consumer.pid)?.peak ?? null;
       const cpu = end?.cpu ?? this.cpuDelta(cpu0, consumer.pid, publisher.pid);
-      cpu.publisher = this.publisherCpu;
       // Its backend starts with the first message and ends with it: not measured.
       cpu.postgres = NaN;
       void pg0;
       const pub = await published.catch(() => null);
+      cpu.publisher = this.publisherCpu;
       await consumer.stop(10_000);
       await publisher.stop(5000);
       if (insert) return await this.stats(sql, name, appId, count, 0, pub, peak, [], cpu, notes);
@@ -651,13 +656,14 @@ function report(r: RunResult): void {
   );
   if (r.peakRss !== null) say(`  peak RSS (VmHWM) ${fmt(r.peakRss, 1)} MB`);
   const c = r.cpu;
-  const pct = (v: number | undefined) => `${fmt(100 * (v ?? NaN) / c.wall!, 0)}%`;
+  const pct = (v: number | undefined) =>
+    Number.isNaN(v ?? NaN) ? "n/a" : `${fmt(100 * v! / c.wall!, 0)}%`;
   say(
     `  CPU over ${fmt(c.wall!, 1)} s (100% = one core): consumer ${pct(c.service)} ` +
       `(main thread ${pct(c.service_main_thread)}), postgres ${pct(c.postgres)}, ` +
       `mosquitto ${pct(c.mosquitto)}, publisher ${pct(c.publisher)}; whole machine ` +
       `${pct(c.machine)} of 200%, of which other processes ${
-        pct(c.machine! - c.service! - c.postgres! - c.mosquitto! - (c.publisher || 0))
+        pct(c.machine! - c.service! - (c.postgres || 0) - c.mosquitto! - (c.publisher || 0))
       }`,
   );
   if (r.rss.length > 0 && r.rss.length <= 3 * 60) printRss(r);

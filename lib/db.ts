@@ -6,6 +6,7 @@
 import { checkServerIdentity, type PeerCertificate } from "node:tls";
 import postgres from "postgres";
 import type { DbConfig } from "./config.ts";
+import { log } from "./log.ts";
 
 export type Sql = postgres.Sql;
 export type Tx = postgres.TransactionSql;
@@ -36,6 +37,7 @@ export function tlsOptions(cfg: DbConfig): false | Record<string, unknown> {
 
 /** Opens a lazy connection pool. `search_path` is pinned so nothing resolves elsewhere. */
 export function connect(cfg: DbConfig, max = cfg.poolSize ?? 2): Sql {
+  guardClosedSocketWrite();
   return postgres({
     host: cfg.host,
     port: cfg.port,
@@ -106,4 +108,29 @@ export function errorText(err: unknown): string {
       : err.message;
   }
   return String(err);
+}
+
+let guarded = false;
+
+/**
+ * postgres.js 3.4.9 queues small writes with setImmediate; when the server
+ * closes the connection first, that write runs on a null socket and throws
+ * outside any promise (porsager/postgres#1154, #1208; `bench --outage` and
+ * fault_test "fault 1" hit it), which would end the process. The queries of
+ * that connection were already rejected with CONNECTION_CLOSED, so the writer
+ * retries them: this one error is dropped, with a log line.
+ */
+function guardClosedSocketWrite(): void {
+  if (guarded) return;
+  guarded = true;
+  globalThis.addEventListener("error", (event) => {
+    const e = event.error;
+    if (
+      e instanceof TypeError && e.message.includes("(reading 'write')") &&
+      /nextWrite[\s\S]*postgres/.test(e.stack ?? "")
+    ) {
+      event.preventDefault();
+      log("warn", "write on a closed database connection ignored (postgres.js)");
+    }
+  });
 }
