@@ -304,7 +304,8 @@ export class Writer {
           if (into) mergeInto(into, g);
           else batch.merged.set(g.key, g); // the message's own group becomes the batch's
         }
-        batch.prepared.push({ ...p, groups: null });
+        p.groups = null;
+        batch.prepared.push(p);
       } else batch.prepared.push(p);
     }
     return batch;
@@ -501,8 +502,25 @@ const ARRAY_SPECIAL = /["\\]/;
  * The PostgreSQL array literal of `values` (`{"a","b\\"c",NULL,1.5,t}`), sent
  * as one bind parameter. Strings are always quoted (so `NULL`, braces,
  * commas and spaces stay text), with `\\` and `"` escaped; null is NULL.
+ * The common cases (all plain strings, all numbers) are one native join:
+ * no garbage per element.
  */
 export function arrayLiteral(values: readonly Cell[]): string {
+  let strings = 0, numbers = 0;
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    if (typeof v === "string") {
+      if (ARRAY_SPECIAL.test(v)) return slowArrayLiteral(values);
+      strings++;
+    } else if (typeof v === "number") numbers++;
+    else return slowArrayLiteral(values);
+  }
+  if (strings === values.length) return strings === 0 ? "{}" : '{"' + values.join('","') + '"}';
+  if (numbers === values.length) return "{" + values.join(",") + "}";
+  return slowArrayLiteral(values);
+}
+
+function slowArrayLiteral(values: readonly Cell[]): string {
   let out = "{";
   for (let i = 0; i < values.length; i++) {
     if (i > 0) out += ",";

@@ -18,6 +18,9 @@ Deno.test("arrayLiteral() quotes every string and escapes only backslash and quo
   );
   assert.equal(arrayLiteral([1.5, -0, 1e21, null, 5e-324]), "{1.5,0,1e+21,NULL,5e-324}");
   assert.equal(arrayLiteral([true, false, null]), "{t,f,NULL}");
+  // The one-join fast paths: only plain strings, only numbers.
+  assert.equal(arrayLiteral(["a", "", "NULL", "{x,y}"]), '{"a","","NULL","{x,y}"}');
+  assert.equal(arrayLiteral([1, 2.5, -3, 0]), "{1,2.5,-3,0}");
 });
 
 Deno.test({
@@ -60,6 +63,20 @@ Deno.test({
         [sql.typed(arrayLiteral(cells) as never, 0)] as never[],
       );
       assert.deepEqual(rows.map((r) => r.v), cells);
+
+      // Without null and quote/backslash the literal is built by one join: same result.
+      const plain = texts.filter((t) => !/["\\]/.test(t));
+      const p = await sql.unsafe<{ v: string }[]>(
+        "SELECT v FROM unnest($1::text[]) WITH ORDINALITY AS u(v, i) ORDER BY i",
+        [sql.typed(arrayLiteral(plain) as never, 0)] as never[],
+      );
+      assert.deepEqual(p.map((r) => r.v), plain);
+      const whole = [3, 1e21, 0.1, -2.25, 5e-324];
+      const w = await sql.unsafe<{ v: number }[]>(
+        "SELECT v FROM unnest($1::float8[]) WITH ORDINALITY AS u(v, i) ORDER BY i",
+        [sql.typed(arrayLiteral(whole) as never, 0)] as never[],
+      );
+      assert.deepEqual(w.map((r) => r.v), whole);
 
       const numbers = [
         0,
