@@ -28,7 +28,8 @@
  *   --duration S        soak: the half-rate run lasts S seconds instead (RSS sampled every 5 s)
  *   --rate R            take R messages/s as the maximum instead of measuring it
  *   --phases LIST       comma-separated, in order: broker,max,baseline,half,outage
- *                       (default max,baseline,half; broker = publisher to a consumer that only acks)
+ *                       (default broker,max,baseline,half; broker = publisher to a consumer
+ *                       that only acknowledges: the ceiling of broker + mqtt.js here)
  *   --outage            add the outage run (a throwaway PostgreSQL is stopped for a while)
  *   --outage-seconds S  length of the outage (default 10)
  *   --pg throwaway      run everything on a throwaway PostgreSQL (fsync on) instead of 127.0.0.1:5432
@@ -116,7 +117,7 @@ function parseOptions(): Options {
       messages: { type: "string", default: "100000" },
       duration: { type: "string", default: "0" },
       rate: { type: "string", default: "0" },
-      phases: { type: "string", default: "max,baseline,half" },
+      phases: { type: "string", default: "broker,max,baseline,half" },
       outage: { type: "boolean", default: false },
       "outage-seconds": { type: "string", default: "10" },
       pg: { type: "string", default: "local" },
@@ -662,7 +663,8 @@ function report(r: RunResult): void {
     `  CPU over ${fmt(c.wall!, 1)} s (100% = one core): consumer ${pct(c.service)} ` +
       `(main thread ${pct(c.service_main_thread)}), postgres ${pct(c.postgres)}, ` +
       `mosquitto ${pct(c.mosquitto)}, publisher ${pct(c.publisher)}; whole machine ` +
-      `${pct(c.machine)} of 200%, of which other processes ${
+      `${pct(c.machine)} of 200%, of which other processes` +
+      `${Number.isNaN(c.postgres ?? NaN) ? " (postgres included)" : ""} ${
         pct(c.machine! - c.service! - (c.postgres || 0) - c.mosquitto! - (c.publisher || 0))
       }`,
   );
@@ -803,7 +805,14 @@ async function main(): Promise<number> {
       report(r);
       if (r.rss.length > 3 * 60) printRss(r);
     }
-    summary(bench.results, o);
+    const flags = Deno.env.get("BENCH_SERVICE_FLAGS");
+    summary(
+      bench.results,
+      o,
+      `Measured ${new Date().toISOString().slice(0, 10)} on ${machine()}; ` +
+        `command: deno task bench ${Deno.args.join(" ")}` +
+        (flags ? ` (BENCH_SERVICE_FLAGS=${flags})` : "") + `; publisher: ${o.publisher}.`,
+    );
     return bench.results.every((r) => r.lost === 0 && r.notes.length === 0) ? 0 : 1;
   } finally {
     Deno.removeSignalListener("SIGINT", onSignal);
@@ -840,19 +849,36 @@ function printRss(r: RunResult): void {
   );
 }
 
-function summary(results: RunResult[], o: Options): void {
+function summary(results: RunResult[], o: Options, header: string): void {
   const by = (n: string) => results.find((r) => r.name === n);
   const max = by("max"), base = by("baseline"), half = by("half") ?? by("soak");
-  say("\n== summary (markdown)\n");
-  say("| run | messages | msg/s | rows/s | lost | dup | p50 ms | p99 ms | peak RSS MB |");
-  say("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+  const pct = (r: RunResult, k: string) => {
+    const v = r.cpu[k];
+    return v === undefined || Number.isNaN(v) ? "-" : fmt((100 * v) / r.cpu.wall!);
+  };
+  const lines = [
+    header,
+    "",
+    "| run | messages | msg/s | rows/s | lost | dup | p50 ms | p99 ms | peak RSS MB | " +
+    "CPU %: service (main thread) / postgres / mosquitto / publisher |",
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+  ];
   for (const r of results) {
-    say(
+    const service = r.name === "baseline" || r.name === "broker" ? "consumer" : "service";
+    lines.push(
       `| ${r.name}${r.rate ? ` (${fmt(r.rate)}/s)` : ""} | ${fmt(r.messages)} | ` +
-        `${fmt(r.messagesPerSecond)} | ${fmt(r.rowsPerSecond)} | ${r.lost} | ${r.duplicated} | ` +
-        `${fmt(r.p50, 1)} | ${fmt(r.p99, 1)} | ${r.peakRss === null ? "" : fmt(r.peakRss, 0)} |`,
+        `${fmt(r.messagesPerSecond)} | ${
+          Number.isNaN(r.rowsPerSecond) ? "-" : fmt(r.rowsPerSecond)
+        } | ` +
+        `${r.lost} | ${r.duplicated} | ${Number.isNaN(r.p50) ? "-" : fmt(r.p50, 1)} | ` +
+        `${Number.isNaN(r.p99) ? "-" : fmt(r.p99, 1)} | ` +
+        `${r.peakRss === null ? "-" : fmt(r.peakRss, 0)} | ${service} ${pct(r, "service")} ` +
+        `(${pct(r, "service_main_thread")}) / ${pct(r, "postgres")} / ${pct(r, "mosquitto")} / ` +
+        `${pct(r, "publisher")} |`,
     );
   }
+  say("\n== summary (markdown)\n");
+  for (const l of lines) say(l);
   say("");
   const check = (ok: boolean | undefined, text: string) =>
     say(`  [${ok === undefined ? "n/a" : ok ? "PASS" : "FAIL"}] ${text}`);
@@ -873,12 +899,21 @@ function summary(results: RunResult[], o: Options): void {
     `p99 publish-to-commit < 250 ms at half rate: ` +
       `${half ? fmt(half.p99, 1) + " ms" : "-"}`,
   );
-  const peaks = results.filter((r) => r.name !== "baseline" && r.peakRss !== null);
+  const peaks = results.filter((r) => !["baseline", "broker"].includes(r.name) && r.peakRss);
   const peak = peaks.length ? Math.max(...peaks.map((r) => r.peakRss!)) : undefined;
   check(
     peak === undefined ? undefined : peak < 200,
     `peak RSS < 200 MB: ${peak ? fmt(peak, 1) : "-"} MB`,
   );
+  if (max) {
+    const mainUs = (1e6 * max.cpu.service_main_thread!) / max.messages;
+    say(
+      `  limiting stage (max run): the service's main thread was ` +
+        `${pct(max, "service_main_thread")}% busy, ${fmt(mainUs, 1)} µs of CPU per message ` +
+        `(MQTT intake, spool, parse/translate, serialization); postgres ` +
+        `${fmt((1e6 * (max.cpu.postgres ?? NaN)) / max.rows, 2)} µs per row`,
+    );
+  }
   void o;
 }
 
