@@ -43,6 +43,16 @@ export interface RowGroup {
   readonly cells: Cell[][];
 }
 
+/**
+ * Most values (rows x columns, `time`, `metric` and `value` included) one
+ * message may produce. Metadata is repeated in every row of its reading, so
+ * a 4 MiB message with 300 metadata keys and 440,000 metrics asked for 133
+ * million values: 4 GB of memory and a minute of CPU, enough to crash the
+ * service (and again on every restart, from the spool). Real messages are
+ * far below it, and so is a 4 MiB message of metrics without metadata.
+ */
+export const MAX_CELLS_PER_MESSAGE = 2_000_000;
+
 export type Translation =
   | { readonly ok: true; readonly groups: RowGroup[]; readonly rows: number }
   | { readonly ok: false; readonly rejection: Rejection; readonly missingColumn: boolean };
@@ -74,6 +84,7 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
   const metricLimit = table.columns.get("metric")!.maxChars;
   const groups = new Map<string, RowGroup>();
   let rows = 0;
+  let total = 0; // values so far (see MAX_CELLS_PER_MESSAGE)
   for (const reading of msg.readings) {
     const fail = (reason: string, missingColumn = false): Translation => ({
       ok: false,
@@ -117,6 +128,10 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
           cells = [...metaCells, cell];
         }
         numeric = 0;
+      }
+      total += 3 + names.length;
+      if (total > MAX_CELLS_PER_MESSAGE) {
+        return fail(`message too large (over ${MAX_CELLS_PER_MESSAGE} values: rows x columns)`);
       }
       addRow(groups, table, names, reading.time, metric, numeric, cells);
       rows++;

@@ -28,6 +28,12 @@ import {
 export const PROGRESS_TABLE = "sif_stream_progress";
 /** Rows per INSERT statement; arrays of this size keep memory and latency small. */
 export const ROWS_PER_STATEMENT = 5000;
+/**
+ * Values (rows x columns) after which a batch takes no more messages; the
+ * rest wait for the next batch. Bounds a batch's memory whatever the
+ * messages hold (2000 messages of 4 MiB each once needed more than the heap).
+ */
+export const BATCH_MAX_CELLS = 2_000_000;
 
 /** Hooks for metrics; every field optional. */
 export interface WriterEvents {
@@ -69,6 +75,8 @@ type Prepared =
 interface Batch {
   readonly prepared: Prepared[];
   readonly merged: Map<string, RowGroup>;
+  /** Values (rows x columns) in `merged`, for BATCH_MAX_CELLS. */
+  cells: number;
 }
 
 class Stopped extends Error {}
@@ -83,8 +91,8 @@ export class Writer {
   #dbOk: boolean | null = null;
   #lastOkAt = 0;
   #running: Promise<void> | null = null;
-  /** Called once the current batch's first INSERT is sent (the database is busy). */
-  #onBusy: (() => void) | null = null;
+  /** Called once the current batch's first INSERT is sent, with its last spool position. */
+  #onBusy: ((last: number) => void) | null = null;
   readonly #provisionFailed = new Map<string, number>();
   readonly #o: WriterOptions;
   readonly #progress: string;
@@ -127,9 +135,11 @@ export class Writer {
     try {
       await this.#retrying("prepare database", () => this.#init());
       // The next batch, read and prepared while the current one is being written.
-      type Ahead = { entries: SpoolEntry[]; prepared: Promise<Batch> };
+      type Ahead = { after: number; entries: SpoolEntry[]; prepared: Promise<Batch> };
       let ahead = null as Ahead | null; // (set in a callback: no narrowing to null)
       for (;;) {
+        // Read ahead right after what is committed now, or it is of no use.
+        if (ahead && ahead.after !== this.#lastSeq) ahead = null;
         let entries = ahead?.entries ?? this.#o.spool.read(this.#lastSeq, this.#o.batchMaxMessages);
         const prepared = ahead?.prepared;
         ahead = null;
@@ -155,13 +165,13 @@ export class Writer {
         let retry = false;
         // Parsing and translating the next batch (CPU, this thread) overlaps
         // with the database writing this one.
-        this.#onBusy = () => {
+        this.#onBusy = (after) => {
           this.#onBusy = null;
-          const next = this.#o.spool.read(entries.at(-1)!.seq, this.#o.batchMaxMessages);
+          const next = this.#o.spool.read(after, this.#o.batchMaxMessages);
           if (next.length === 0) return;
           const p = this.#prepareBatch(next);
           p.catch(() => {}); // a failure is met again when the batch is written
-          ahead = { entries: next, prepared: p };
+          ahead = { after, entries: next, prepared: p };
         };
         await this.#retrying("write batch", async () => {
           if (retry) await this.#skipCommitted();
@@ -178,6 +188,12 @@ export class Writer {
 
   /** Creates the service's tables and skips what a previous run already committed. */
   async #init(): Promise<void> {
+    await this.#ensureTables();
+    await this.#skipCommitted();
+  }
+
+  /** Creates `"errorTable"`, the dead letters and the progress table where missing. */
+  async #ensureTables(): Promise<void> {
     const { sql, errorsSql, rejects } = this.#o;
     await raceSafe(() => rejects.ensureTables(errorsSql));
     await raceSafe(() =>
@@ -187,7 +203,6 @@ export class Writer {
       last_seq BIGINT NOT NULL,
       updated_at TIMESTAMPTZ NOT NULL DEFAULT now())`)
     );
-    await this.#skipCommitted();
   }
 
   /** Moves past (and drops from the spool) what the progress table says is committed. */
@@ -279,7 +294,7 @@ export class Writer {
     const batch = await this.#prepareBatch(entries, (await ahead?.catch(() => null)) ?? null);
     const { rows, rejected } = await this.#commitOrSplit(batch.prepared, batch.merged);
     this.#o.events?.batch?.({
-      messages: entries.length,
+      messages: batch.prepared.length,
       rows,
       rejected,
       seconds: (performance.now() - started) / 1000,
@@ -288,18 +303,21 @@ export class Writer {
 
   /**
    * Prepares `entries` and merges their rows as it goes; continues `from`
-   * when that holds the first of them.
+   * when that holds the first of them. Stops early at BATCH_MAX_CELLS (the
+   * batch is then the first `prepared.length` entries).
    */
   async #prepareBatch(entries: SpoolEntry[], from: Batch | null = null): Promise<Batch> {
     const n = from?.prepared.length ?? 0;
     const reuse = from !== null && n > 0 && n <= entries.length &&
       from.prepared[0]!.entry.seq === entries[0]!.seq &&
       from.prepared[n - 1]!.entry.seq === entries[n - 1]!.seq;
-    const batch: Batch = reuse ? from : { prepared: [], merged: new Map() };
+    const batch: Batch = reuse ? from : { prepared: [], merged: new Map(), cells: 0 };
     for (let i = batch.prepared.length; i < entries.length; i++) {
+      if (batch.cells >= BATCH_MAX_CELLS) break;
       const p = await this.#prepare(entries[i]!);
       if (p.ok) {
         for (const g of p.groups!) {
+          batch.cells += g.times.length * (3 + g.columns.length);
           const into = batch.merged.get(g.key);
           if (into) mergeInto(into, g);
           else batch.merged.set(g.key, g); // the message's own group becomes the batch's
@@ -382,7 +400,14 @@ export class Writer {
         return { rows: a.rows + b.rows, rejected: a.rejected + b.rejected };
       }
       const one = prepared[0]!;
-      if (!one.ok) throw e; // recording the rejection itself failed: nothing to split
+      // A table of the service's own dropped while running (else the writer
+      // would retry forever): create it again. An app table's is harmless.
+      const undefinedTable = (e as { code?: unknown }).code === "42P01";
+      if (undefinedTable) await this.#ensureTables();
+      if (!one.ok) {
+        if (!undefinedTable) throw e; // recording the rejection itself failed: nothing to split
+        return await this.#commit([one]);
+      }
       // The table may have changed under the cache: look again, once.
       this.#o.schema.invalidate(one.table);
       const again = await this.#prepare(one.entry);
@@ -461,7 +486,7 @@ export class Writer {
           { prepare: true },
         ).execute(),
       );
-      this.#onBusy?.();
+      this.#onBusy?.(last);
       return Promise.all(sent);
     });
     spool.deleteThrough(last);
