@@ -43,6 +43,7 @@ export class Metrics {
   readonly #batch: Histogram;
   readonly #mqttUp: Gauge;
   readonly #reconnects: Counter;
+  readonly #brokerDropped: Counter;
   readonly #dbUp: Gauge;
   #spool: Spool | null = null;
   #everConnected = false;
@@ -122,6 +123,12 @@ export class Metrics {
       help: "Connections to the broker re-established after a loss.",
       registers,
     });
+    this.#brokerDropped = new Counter({
+      name: "sif_broker_dropped_messages_total",
+      help: "Messages the broker reported dropping (all its clients; Mosquitto's $SYS count) " +
+        "while this service watched.",
+      registers,
+    });
     this.#dbUp = new Gauge({
       name: "sif_database_up",
       help: "1 while the last database write or check succeeded.",
@@ -178,13 +185,14 @@ export class Metrics {
   };
 
   /** Hooks for the MQTT client. */
-  readonly mqtt: Required<Pick<MqttEvents, "connected" | "received">> = {
+  readonly mqtt: Required<Pick<MqttEvents, "connected" | "received" | "brokerDropped">> = {
     connected: (ok) => {
       this.#mqttUp.set(ok ? 1 : 0);
       if (ok && this.#everConnected) this.#reconnects.inc();
       if (ok) this.#everConnected = true;
     },
     received: () => this.#received.inc(),
+    brokerDropped: (n) => this.#brokerDropped.inc(n),
   };
 
   /** The exposition text and its content type. */

@@ -10,6 +10,7 @@
 import mqtt from "mqtt";
 import type { MqttConfig } from "./config.ts";
 import { log } from "./log.ts";
+import { DropCounter, DROPPED_TOPIC } from "./brokerdrops.ts";
 
 /** Makes a message durable; returns false to withhold the acknowledgement (full spool). */
 export type Accept = (topic: string, payload: Uint8Array) => boolean;
@@ -39,6 +40,8 @@ export interface MqttEvents {
   subscribed?(topic: string): void;
   /** The broker refused our credentials or authorization: not worth retrying. */
   fatal?(reason: string): void;
+  /** The broker reported `dropped` more messages lost (all its clients; lib/brokerdrops.ts). */
+  brokerDropped?(dropped: number): void;
 }
 
 /** Session expiry for MQTT 5: how long the broker keeps our queue while we are away. */
@@ -86,6 +89,30 @@ export function startMqtt(
     client.options.reconnectPeriod = Math.min(30_000, (client.options.reconnectPeriod ?? 1000) * 2);
   });
 
+  // The broker's count of dropped messages (lib/brokerdrops.ts).
+  const dropCounter = new DropCounter();
+  let dropWatchRefused = false;
+  const drops = (payload: Uint8Array) => {
+    const r = dropCounter.observe(payload);
+    const hint = "the broker's queue for a slow or offline client is full: " +
+      "raise max_queued_messages (deploy/mosquitto.conf)";
+    if (r.kind === "first" && r.total > 0) {
+      log("warn", "the broker has dropped messages since it started (all its clients)", {
+        broker: cfg.url,
+        dropped_total: r.total,
+        hint,
+      });
+    } else if (r.kind === "new") {
+      log("error", "the broker dropped messages for a client whose queue was full: they are lost", {
+        broker: cfg.url,
+        dropped: r.dropped,
+        dropped_total: r.total,
+        hint,
+      });
+      events.brokerDropped?.(r.dropped);
+    }
+  };
+
   // The open group: the socket its PUBACKs are corked in, and how many there are.
   let open: { stream: mqtt.MqttClient["stream"]; messages: number } | null = null;
   // Disk error: acknowledge nothing that is not durable. Dropping the connection
@@ -111,9 +138,15 @@ export function startMqtt(
   };
 
   client.handleMessage = (packet, done) => {
-    events.received?.();
     const topic = packet.topic;
     const payload = packet.payload as Uint8Array;
+    // No ingest filter matches a `$` topic (MQTT 4.7.2): these are our own watches.
+    if (topic.startsWith("$SYS/")) {
+      if (topic === DROPPED_TOPIC) drops(payload);
+      done();
+      return;
+    }
+    events.received?.();
     if (open && open.stream !== client.stream) flush();
     const tryAccept = () => {
       let ok: boolean;
@@ -176,6 +209,16 @@ export function startMqtt(
       }
       log("info", "subscribed", { topic: cfg.topic, qos: code });
       events.subscribed?.(cfg.topic);
+      client.subscribe(DROPPED_TOPIC, { qos: 0 }, (err, granted) => {
+        const code = granted?.[0]?.qos;
+        if ((err || code === undefined || code >= 0x80) && !dropWatchRefused) {
+          dropWatchRefused = true;
+          log("info", "the broker does not let us watch its dropped-message count", {
+            topic: DROPPED_TOPIC,
+            hint: "Mosquitto: allow reading this $SYS topic in the ACL to detect drops",
+          });
+        }
+      });
     });
   });
   client.on("close", () => {
