@@ -148,7 +148,16 @@ export function startMqtt(
     }
     events.received?.();
     if (open && open.stream !== client.stream) flush();
+    const stream = client.stream; // the connection this delivery came on
     const tryAccept = () => {
+      // Waiting for room and the connection broke: the broker sends the
+      // message again on the next one; taking this copy too would store it twice.
+      if (stream !== client.stream || stream.destroyed) {
+        log("info", "connection lost while the spool was full; the broker will send it again", {
+          topic,
+        });
+        return;
+      }
       let ok: boolean;
       try {
         ok = accept(topic, payload);

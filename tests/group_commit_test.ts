@@ -195,3 +195,55 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "startMqtt: a message waiting for spool room when the connection breaks is taken " +
+    "once, from the broker's redelivery, not also from the old connection",
+  ...npmSockets,
+  fn: async () => {
+    const broker = await startMosquitto();
+    const topic = "ingest/stream/full";
+    let consumer: mqtt.MqttClient | null = null;
+    try {
+      let room = false; // the spool is full until the test makes room
+      let connects = 0;
+      const accepted: string[] = [];
+      let refused = 0;
+      consumer = startMqtt(
+        mqttConfig(broker.url, topic, "full-spool-reconnect-test"),
+        (_topic, payload) => {
+          if (!room) {
+            refused++;
+            return false;
+          }
+          accepted.push(text(payload));
+          return true;
+        },
+        { connected: (ok) => void (ok && connects++) },
+      );
+      const until = async (what: string, f: () => boolean) => {
+        const deadline = Date.now() + 10_000;
+        while (!f()) {
+          if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+          await new Promise((r) => setTimeout(r, 20));
+        }
+      };
+      await until("connected", () => connects === 1);
+      await new Promise((r) => setTimeout(r, 200)); // SUBACK
+      const producer = await mqtt.connectAsync(broker.url, { protocolVersion: 4 });
+      await producer.publishAsync(topic, "m1", { qos: 1 });
+      await producer.endAsync();
+      await until("the first refusal", () => refused >= 1);
+      // The connection breaks while the message waits for room (retried every 100 ms).
+      consumer.stream.destroy();
+      await until("reconnected", () => connects === 2);
+      room = true;
+      await until("accepted", () => accepted.length >= 1);
+      await new Promise((r) => setTimeout(r, 500)); // the old retry would fire within 100 ms
+      assert.deepEqual(accepted, ["m1"]);
+    } finally {
+      await consumer?.endAsync(true);
+      await broker.destroy();
+    }
+  },
+});
