@@ -152,6 +152,16 @@ export function loadConfig(
     }
   };
 
+  /** A PEM file that must hold `what` (caught here: a later handshake error says less). */
+  const pem = (name: string, what: "CERTIFICATE" | "PRIVATE KEY"): string | undefined => {
+    const text = file(name);
+    const marker = what === "CERTIFICATE" ? "-----BEGIN CERTIFICATE-----" : "PRIVATE KEY-----";
+    if (text !== undefined && !text.includes(marker)) {
+      problems.push(`${name}: ${get(name)} holds no PEM ${what.toLowerCase()} ("${marker}")`);
+    }
+    return text;
+  };
+
   // MQTT
   const positional = args.filter((a) => !a.startsWith("-"));
   if (positional.length > 1) problems.push("at most one argument (the channel) is accepted");
@@ -166,7 +176,12 @@ export function loadConfig(
   // does for the database; tests use it to find nothing on the default.
   const devBroker = `localhost:${int("DEV_MQTT_PORT", 1883, 1, 65535)}`;
   const mqttUrl = brokerUrl(required("INGEST_STREAM", devBroker), problems);
-  const caFile = file("MQTT_CA");
+  const caFile = pem("MQTT_CA", "CERTIFICATE");
+  const cert = pem("MQTT_CERT", "CERTIFICATE");
+  const key = pem("MQTT_KEY", "PRIVATE KEY");
+  if (!get("MQTT_CERT") !== !get("MQTT_KEY")) {
+    problems.push("MQTT_CERT and MQTT_KEY go together: set both or neither");
+  }
   const mqtt: MqttConfig = {
     url: caFile && mqttUrl.startsWith("mqtt://") ? mqttUrl.replace("mqtt://", "mqtts://") : mqttUrl,
     topic: shareGroup ? `$share/${shareGroup}/${topic}` : topic,
@@ -174,8 +189,8 @@ export function loadConfig(
     username: get("MQTT_USERNAME"),
     password: get("MQTT_PASSWORD"),
     ca: caFile,
-    cert: file("MQTT_CERT"),
-    key: file("MQTT_KEY"),
+    cert,
+    key,
     shareGroup,
     explicit: get("INGEST_STREAM") !== undefined,
     protocolVersion: 5,
@@ -183,13 +198,7 @@ export function loadConfig(
 
   // PostgreSQL
   const caPath = get("PGSSLROOTCERT");
-  const ca = file("PGSSLROOTCERT");
-  if (ca !== undefined && !ca.includes("-----BEGIN CERTIFICATE-----")) {
-    // Caught here, or every handshake would fail later with a less clear error.
-    problems.push(
-      `PGSSLROOTCERT: ${caPath} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`,
-    );
-  }
+  const ca = pem("PGSSLROOTCERT", "CERTIFICATE");
   const sslRaw = (get("PGSSLMODE") ?? (caPath ? "verify-full" : production ? "" : "disable"))
     .toLowerCase();
   let sslMode: SslMode = "disable";

@@ -210,3 +210,40 @@ Deno.test({
     }
   },
 });
+
+Deno.test("config: MQTT_CA, MQTT_CERT and MQTT_KEY are checked at start-up", async () => {
+  const { ConfigError, loadConfig } = await import("../lib/config.ts");
+  const dir = await Deno.makeTempDir({ prefix: "sif-mqtt-pem-" });
+  const problemsOf = (env: Record<string, string>): string[] => {
+    try {
+      loadConfig({ ENV: "DEVELOPMENT", INGEST_STREAM: "broker:8883", TS_HOST: "db", ...env });
+    } catch (e) {
+      if (e instanceof ConfigError) return e.problems;
+      throw e;
+    }
+    return [];
+  };
+  try {
+    const certs = await makeTestCerts(dir);
+    const garbage = `${dir}/garbage.pem`;
+    await Deno.writeTextFile(garbage, "not PEM\n");
+    assert.deepEqual(problemsOf({ MQTT_CA: certs.caCert }), []);
+    assert.deepEqual(problemsOf({ MQTT_CA: garbage }), [
+      `MQTT_CA: ${garbage} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`,
+    ]);
+    // A key given as the certificate and the other way round.
+    assert.deepEqual(
+      problemsOf({ MQTT_CA: certs.caCert, MQTT_CERT: certs.caKey, MQTT_KEY: certs.caCert }),
+      [
+        `MQTT_CERT: ${certs.caKey} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`,
+        `MQTT_KEY: ${certs.caCert} holds no PEM private key ("PRIVATE KEY-----")`,
+      ],
+    );
+    assert.deepEqual(problemsOf({ MQTT_CA: certs.caCert, MQTT_CERT: certs.caCert }), [
+      "MQTT_CERT and MQTT_KEY go together: set both or neither",
+    ]);
+    assert.deepEqual(problemsOf({ MQTT_CERT: certs.caCert, MQTT_KEY: certs.caKey }), []);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
