@@ -146,6 +146,15 @@ export function startMqtt(
       done();
       return;
     }
+    // The RETAIN flag is only set on a copy the broker replays because we
+    // subscribed (MQTT 3.3.1.3; live deliveries have it cleared): a message
+    // already delivered to the stream's subscribers when it was published.
+    // Ingesting it would store it again after every reconnect.
+    if (packet.retain) {
+      log("info", "retained message not ingested (a replay, not a new publication)", { topic });
+      done();
+      return;
+    }
     events.received?.();
     if (open && open.stream !== client.stream) flush();
     const stream = client.stream; // the connection this delivery came on
@@ -207,7 +216,9 @@ export function startMqtt(
       client_id: cfg.clientId,
       session_present: connack.sessionPresent,
     });
-    client.subscribe(cfg.topic, { qos: 1 }, (err, granted) => {
+    // Retain Handling 2 (MQTT 5): no retained replays at all; 3.1.1 has no such option.
+    const options = cfg.protocolVersion === 4 ? { qos: 1 as const } : { qos: 1 as const, rh: 2 };
+    client.subscribe(cfg.topic, options, (err, granted) => {
       const code = granted?.[0]?.qos;
       if (err || code === undefined || code >= 0x80) {
         const reason = `subscription to ${cfg.topic} refused` +

@@ -67,8 +67,9 @@ export function isAppTable(info: TableInfo): boolean {
 /**
  * Turns one message into row groups for `table` (null when it does not
  * exist). All rows of the message are accepted or none: any problem rejects
- * the whole message. `missingColumn` tells the caller a fresher schema could
- * change the verdict.
+ * the whole message. `missingColumn`: the message names a column `table`
+ * lacks. Any rejection but a malformed message may change with a fresher
+ * `table`; the writer re-reads the catalog once before it trusts one.
  */
 export function translate(msg: IrMessage, table: TableInfo | null): Translation {
   const appId = msg.appId;

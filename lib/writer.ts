@@ -338,9 +338,10 @@ export class Writer {
     let info = await schema.get(table, entry.receivedAt);
     if (info === null && this.#o.provision) info = await this.#provision(parsed.message);
     let t = translate(parsed.message, info);
-    if (!t.ok && t.missingColumn) {
-      t = translate(parsed.message, await schema.refresh(table, entry.receivedAt));
-    }
+    // Any rejection may come from a table that changed after it was cached (a
+    // column added, retyped or widened; a table that became an app table): it
+    // is trusted only against a catalog read after the message arrived.
+    if (!t.ok) t = translate(parsed.message, await schema.refresh(table, entry.receivedAt));
     if (!t.ok) return this.#rejected(entry, t.rejection);
     return { entry, ok: true, groups: t.groups, rows: t.rows, table };
   }

@@ -247,3 +247,42 @@ Deno.test({
     }
   },
 });
+
+for (const protocolVersion of [4, 5] as const) {
+  Deno.test({
+    name: `startMqtt (MQTT ${protocolVersion === 4 ? "3.1.1" : "5"}): a retained message is ` +
+      "not ingested again when the service subscribes; live messages are",
+    ...npmSockets,
+    fn: async () => {
+      const broker = await startMosquitto();
+      const topic = "ingest/stream/retained";
+      let consumer: mqtt.MqttClient | null = null;
+      try {
+        const producer = await mqtt.connectAsync(broker.url, { protocolVersion: 4 });
+        await producer.publishAsync(topic, "old", { qos: 1, retain: true });
+        const accepted: string[] = [];
+        let subacks = 0;
+        consumer = startMqtt(
+          { ...mqttConfig(broker.url, topic, `retained-test-${protocolVersion}`), protocolVersion },
+          (_topic, payload) => {
+            accepted.push(text(payload));
+            return true;
+          },
+          { subscribed: () => void subacks++ },
+        );
+        const deadline = Date.now() + 10_000;
+        while (subacks === 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+        await new Promise((r) => setTimeout(r, 300)); // a retained copy would arrive now
+        await producer.publishAsync(topic, "live", { qos: 1 });
+        while (accepted.length === 0 && Date.now() < deadline) {
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        await producer.endAsync(); // (the broker and its retained message go with the test)
+        assert.deepEqual(accepted, ["live"]);
+      } finally {
+        await consumer?.endAsync(true);
+        await broker.destroy();
+      }
+    },
+  });
+}
