@@ -53,9 +53,22 @@ export class RejectStore {
       UNIQUE (source, source_seq))`);
   }
 
-  /** Records rejected messages inside the caller's transaction. */
-  async record(tx: Tx | Sql, items: readonly RejectedMessage[]): Promise<void> {
+  /**
+   * Records rejected messages inside the caller's transaction; with
+   * `errorTable: false` only their dead letters (an `"errorTable"` that
+   * refuses the row, such as an older one with narrower columns).
+   */
+  async record(
+    tx: Tx | Sql,
+    items: readonly RejectedMessage[],
+    { errorTable = true } = {},
+  ): Promise<void> {
     if (items.length === 0) return;
+    if (errorTable) await this.#recordErrors(tx, items);
+    for (const m of items) await this.#recordDeadLetter(tx, m);
+  }
+
+  async #recordErrors(tx: Tx | Sql, items: readonly RejectedMessage[]): Promise<void> {
     // One upsert row per distinct (app_id, error, device): a statement may not
     // update the same row twice.
     const distinct = new Map<string, [string, string, string]>();
@@ -75,24 +88,25 @@ export class RejectStore {
       [rows.map((r) => r[0]), rows.map((r) => r[1]), rows.map((r) => r[2])],
       { prepare: true },
     );
-    for (const m of items) {
-      await tx.unsafe(
-        `INSERT INTO ${this.#deadLetter}
+  }
+
+  async #recordDeadLetter(tx: Tx | Sql, m: RejectedMessage): Promise<void> {
+    await tx.unsafe(
+      `INSERT INTO ${this.#deadLetter}
            (received_at, topic, app_id, device, error, payload, source, source_seq)
          VALUES (to_timestamp($1::float8 / 1000), $2, $3, $4, $5, $6, $7, $8)
          ON CONFLICT (source, source_seq) DO NOTHING`,
-        [
-          m.receivedAt,
-          safeText(m.topic, 1024),
-          safeText(m.rejection.appId),
-          safeText(m.rejection.device),
-          safeText(m.rejection.reason, 1000),
-          m.payload,
-          this.source,
-          m.seq,
-        ] as never[],
-        { prepare: true },
-      );
-    }
+      [
+        m.receivedAt,
+        safeText(m.topic, 1024),
+        safeText(m.rejection.appId),
+        safeText(m.rejection.device),
+        safeText(m.rejection.reason, 1000),
+        m.payload,
+        this.source,
+        m.seq,
+      ] as never[],
+      { prepare: true },
+    );
   }
 }

@@ -406,8 +406,8 @@ export class Writer {
       const undefinedTable = (e as { code?: unknown }).code === "42P01";
       if (undefinedTable) await this.#ensureTables();
       if (!one.ok) {
-        if (!undefinedTable) throw e; // recording the rejection itself failed: nothing to split
-        return await this.#commit([one]);
+        if (undefinedTable) return await this.#commit([one]);
+        return await this.#recordAnyway(one, e);
       }
       // The table may have changed under the cache: look again, once.
       this.#o.schema.invalidate(one.table);
@@ -433,10 +433,42 @@ export class Writer {
     }
   }
 
-  /** Commits `prepared`, whose rows are `merged` already when given. */
+  /**
+   * Recording `one`'s rejection failed with a permanent error (an existing
+   * `"errorTable"` with narrower columns or a CHECK, say). Retrying would
+   * stop the writer for good: keep the dead letter alone, or as a last resort
+   * log the message and move past it.
+   */
+  async #recordAnyway(one: Prepared & { ok: false }, e: unknown) {
+    const { rejection, topic, seq } = one.rejected;
+    const fields = { app_id: rejection.appId, device: rejection.device, topic, seq };
+    log("error", 'cannot record the rejection in "errorTable"; dead letter only', {
+      ...fields,
+      rejection: rejection.reason,
+      error: errorText(e),
+    });
+    try {
+      return await this.#commit([one], undefined, "deadLetter");
+    } catch (e2) {
+      if (isTransient(e2) || e2 instanceof Stopped) throw e2;
+      log("error", "cannot record the rejected message at all; moving past it", {
+        ...fields,
+        rejection: rejection.reason,
+        error: errorText(e2),
+        payload_bytes: one.rejected.payload.length,
+      });
+      return await this.#commit([one], undefined, "none");
+    }
+  }
+
+  /**
+   * Commits `prepared`, whose rows are `merged` already when given; `record`
+   * says where rejections go (see #recordAnyway).
+   */
   async #commit(
     prepared: Prepared[],
     given?: Map<string, RowGroup>,
+    record: "all" | "deadLetter" | "none" = "all",
   ): Promise<{ rows: number; rejected: number }> {
     const { sql, errorsSql, rejects, spool, clientId } = this.#o;
     const merged = given ?? new Map<string, RowGroup>();
@@ -459,7 +491,9 @@ export class Writer {
     const separateErrors = errorsSql !== sql;
     // In a separate errors database the dead letters are keyed by spool
     // position, so recording them again after a failed commit is a no-op.
-    if (separateErrors) await rejects.record(errorsSql, rejected);
+    const toRecord = record === "none" ? [] : rejected;
+    const options = { errorTable: record === "all" };
+    if (separateErrors) await rejects.record(errorsSql, toRecord, options);
     await sql.begin((tx: Tx) => {
       // All statements are sent at once (pipelined): no round trip waits for
       // this thread between them. The first error fails the transaction.
@@ -475,7 +509,7 @@ export class Writer {
           sent.push(tx.unsafe(stmt.text, values as never[], { prepare: true }).execute());
         }
       }
-      if (!separateErrors) sent.push(rejects.record(tx, rejected));
+      if (!separateErrors) sent.push(rejects.record(tx, toRecord, options));
       sent.push(
         tx.unsafe(
           `INSERT INTO ${this.#progress} (client_id, spool_epoch, last_seq, updated_at)

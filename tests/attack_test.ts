@@ -369,3 +369,36 @@ Deno.test({
     }
   },
 });
+
+Deno.test({
+  name: "attack: a rejection neither error table takes is logged and passed; the writer goes on",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup();
+    const { sql, schema, svc } = s;
+    try {
+      table = await createAppTable(sql, {}, { schema });
+      const app = table.name;
+      // Both tables refuse this device (an operator's constraint, a trigger, ...).
+      for (const t of ['"errorTable"', "sif_dead_letter"]) {
+        await sql.unsafe(`ALTER TABLE ${ident(schema)}.${t}
+          ADD CONSTRAINT no_refused CHECK (device <> 'refused')`);
+      }
+      await svc.publishAll([
+        { app_id: app, data: { time: T0, device: "refused", payload: { x: [1] } } },
+        { app_id: app, data: { time: T0 + 1, device: "bad", payload: { x: [1] } } },
+        { app_id: app, data: { time: T0 + 2, device: "good", payload: { x: 2 } } },
+      ]);
+      // Before the fix the writer retried the first message forever.
+      await svc.idle(3, 20_000);
+      assert.deepEqual(await allErrors(sql, schema), [
+        [app, "unexpected object (expected primitive)", "bad"],
+      ]);
+      assert.deepEqual((await deadLetters(sql, svc.source, schema)).map((d) => d.device), ["bad"]);
+      assert.equal(await countRows(sql, table.qualified), 1);
+    } finally {
+      await table?.[Symbol.asyncDispose]();
+    }
+  },
+});
