@@ -26,6 +26,14 @@ import {
 
 /** The table that records how far each client's spool is committed. */
 export const PROGRESS_TABLE = "sif_stream_progress";
+/**
+ * Distinct INSERT texts sent as named prepared statements. Each table and
+ * column set has its own text, and postgres.js and the server keep a named
+ * statement for the connection's life: senders with many column subsets
+ * would grow both without bound. Texts beyond this run unnamed (parsed each
+ * time, a fraction of a millisecond per statement of up to 5000 rows).
+ */
+export const MAX_PREPARED_INSERTS = 256;
 /** Rows per INSERT statement; arrays of this size keep memory and latency small. */
 export const ROWS_PER_STATEMENT = 5000;
 /**
@@ -94,6 +102,8 @@ export class Writer {
   /** Called once the current batch's first INSERT is sent, with its last spool position. */
   #onBusy: ((last: number) => void) | null = null;
   readonly #provisionFailed = new Map<string, number>();
+  /** INSERT texts that are prepared (MAX_PREPARED_INSERTS). */
+  readonly #preparedInserts = new Set<string>();
   readonly #o: WriterOptions;
   readonly #progress: string;
 
@@ -433,6 +443,14 @@ export class Writer {
     }
   }
 
+  /** Whether to send `text` as a named prepared statement (MAX_PREPARED_INSERTS). */
+  #mayPrepare(text: string): boolean {
+    if (this.#preparedInserts.has(text)) return true;
+    if (this.#preparedInserts.size >= MAX_PREPARED_INSERTS) return false;
+    this.#preparedInserts.add(text);
+    return true;
+  }
+
   /**
    * Recording `one`'s rejection failed with a permanent error (an existing
    * `"errorTable"` with narrower columns or a CHECK, say). Retrying would
@@ -506,7 +524,8 @@ export class Writer {
           // so [true, ...] became `bool` and `$n::bool[]` failed; and its own
           // serializer costs this thread about three times as much.)
           const values = stmt.values.map((v) => tx.typed(arrayLiteral(v as Cell[]) as never, 0));
-          sent.push(tx.unsafe(stmt.text, values as never[], { prepare: true }).execute());
+          const prepare = this.#mayPrepare(stmt.text);
+          sent.push(tx.unsafe(stmt.text, values as never[], { prepare }).execute());
         }
       }
       if (!separateErrors) sent.push(rejects.record(tx, toRecord, options));
