@@ -20,12 +20,20 @@ export interface SpoolOptions {
   readonly sync?: "normal" | "full";
 }
 
+/**
+ * Most payload bytes one read() returns (with at least one message): a batch
+ * of 2000 messages of up to 256 MB each (the MQTT limit) must not be read
+ * into memory at once.
+ */
+export const READ_MAX_BYTES = 64 * 1024 * 1024;
+
 export class Spool {
   /** Random id of this spool file; with `seq` it names a message uniquely. */
   readonly epoch: string;
   readonly #db: DatabaseSync;
   readonly #insert: StatementSync;
   readonly #read: StatementSync;
+  readonly #sizes: StatementSync;
   readonly #delete: StatementSync;
   readonly #deleted: StatementSync;
   #bytes = 0;
@@ -57,6 +65,10 @@ export class Spool {
     this.#read = this.#db.prepare(
       "SELECT seq, received_at, topic, payload FROM messages WHERE seq > ? AND seq < ? " +
         "ORDER BY seq LIMIT ?",
+    );
+    // length() of a BLOB column reads no payload (SQLite keeps the size in the record).
+    this.#sizes = this.#db.prepare(
+      "SELECT length(payload) AS n FROM messages WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?",
     );
     this.#delete = this.#db.prepare("DELETE FROM messages WHERE seq <= ?");
     this.#deleted = this.#db.prepare(
@@ -149,10 +161,19 @@ export class Spool {
     return this.#staged;
   }
 
-  /** Up to `limit` committed messages after `afterSeq`, oldest first. */
-  read(afterSeq: number, limit: number): SpoolEntry[] {
+  /** Up to `limit` committed messages after `afterSeq`, oldest first, within `maxBytes`. */
+  read(afterSeq: number, limit: number, maxBytes = READ_MAX_BYTES): SpoolEntry[] {
     const before = this.#staged === 0 ? Number.MAX_SAFE_INTEGER : this.#stagedFirst;
-    const rows = this.#read.all(afterSeq, before, limit) as {
+    // At most `maxBytes` of payloads, but always the first message.
+    let take = 0;
+    let bytes = 0;
+    for (const r of this.#sizes.all(afterSeq, before, limit) as { n: number }[]) {
+      if (take > 0 && bytes + r.n > maxBytes) break;
+      bytes += r.n;
+      take++;
+    }
+    if (take === 0) return [];
+    const rows = this.#read.all(afterSeq, before, take) as {
       seq: number;
       received_at: number;
       topic: string;

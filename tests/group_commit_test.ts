@@ -286,3 +286,24 @@ for (const protocolVersion of [4, 5] as const) {
     },
   });
 }
+
+Deno.test("Spool.read() stops at maxBytes of payloads, but always returns the first message", () => {
+  const dir = Deno.makeTempDirSync({ prefix: "sif-group-" });
+  try {
+    const spool = Spool.open(dir);
+    const big = new Uint8Array(1000);
+    for (let i = 0; i < 5; i++) spool.append("t", big, i);
+    assert.equal(spool.read(0, 10, 2500).length, 2);
+    assert.equal(spool.read(0, 10, 3000).length, 3);
+    assert.equal(spool.read(0, 2, 1e9).length, 2);
+    assert.equal(spool.read(0, 10, 10).length, 1); // one message larger than the budget
+    const first = spool.read(0, 10, 2000);
+    assert.deepEqual(spool.read(first.at(-1)!.seq, 10, 2000).map((e) => e.seq), [
+      first.at(-1)!.seq + 1,
+      first.at(-1)!.seq + 2,
+    ]);
+    spool.close();
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
