@@ -23,13 +23,15 @@ const FIXED_REASONS = new Set<string>(Object.values(Reasons));
 /**
  * Maps a rejection reason to a label of bounded cardinality: the user-facing
  * strings stay as they are; quoted names and numbers inside generated reasons
- * become `"…"` and `N`; a database error keeps only its family.
+ * become `"…"` and `N` (the 8 of "UTF-8" is a name, not a number); a database
+ * error keeps only its family.
  */
 export function reasonLabel(reason: string): string {
   if (FIXED_REASONS.has(reason)) return reason;
   const colon = reason.indexOf(": ");
   if (reason.startsWith("database rejected")) return reason.slice(0, colon < 0 ? undefined : colon);
-  return reason.replace(/"(?:[^"\\]|\\.)*"/g, '"…"').replace(/\d+/g, "N").slice(0, 100);
+  return reason.replace(/"(?:[^"\\]|\\.)*"/g, '"…"').replace(/(?<!UTF-|\d)\d+/g, "N")
+    .slice(0, 100);
 }
 
 export class Metrics {

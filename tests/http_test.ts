@@ -41,6 +41,15 @@ Deno.test("reasonLabel keeps user-facing reasons and folds generated text into f
   for (const [reason, label] of cases) assert.equal(reasonLabel(reason), label, reason);
 });
 
+Deno.test("reasonLabel keeps the 8 of UTF-8 and still folds other numbers", () => {
+  const cases: [string, string][] = [
+    ["message is not valid UTF-8", "message is not valid UTF-8"],
+    ["UTF-8 text of 70 bytes (limit 63)", "UTF-8 text of N bytes (limit N)"],
+    ["message nested too deeply (limit 32)", "message nested too deeply (limit N)"],
+  ];
+  for (const [reason, label] of cases) assert.equal(reasonLabel(reason), label, reason);
+});
+
 Deno.test("rejected reasons beyond the label limit are counted as other", async () => {
   const m = new Metrics();
   for (let i = 0; i < MAX_REASON_LABELS + 5; i++) m.writer.rejected(`reason ${"x".repeat(i)}`);
