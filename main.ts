@@ -110,6 +110,12 @@ Settings come from the environment, then from .env in the working directory
   MQTT_CLIENT_ID       stable client id (the broker keeps its session while away)
   INGEST_SHARE_GROUP   subscribe via $share/<group>/<topic>: instances split the stream
   HTTP_HOST HTTP_PORT  /healthz /readyz /metrics (default 127.0.0.1:9464; port 0 = off)
+  MQTT_TOPIC           topic filter (default ingest/stream/#)
+  TS_SCHEMA            schema of the app tables (default public)
+  SPOOL_MAX_BYTES      stop acknowledging beyond this spool size (default 1 GiB)
+  SPOOL_SYNC_FULL      true: fsync every spool append (survives power loss; slower)
+  BATCH_MAX_MESSAGES BATCH_MAX_WAIT_MS   batch size and fill time (default 2000, 20 ms)
+  AUTO_CREATE_TABLES   create a missing app table (default: on in development only)
   LOG_LEVEL            debug | info (default) | warn | error; JSON lines on stdout`;
 
 if (import.meta.main) {

@@ -198,6 +198,10 @@ export async function runDemo(
         ? `Everything arrived in ${((Date.now() - started) / 1000).toFixed(1)} s.`
         : `Not everything arrived within ${timeoutMs / 1000} s: see the service's log.`,
     );
+    print(
+      `The demo tables (${DEMO_APPS.join(", ")}) are only for this demo; to remove them: ` +
+        `DROP TABLE ${DEMO_APPS.map((t) => `${config.schema}.${t}`).join(", ")};`,
+    );
     return result;
   } finally {
     await sql.end({ timeout: 5 });
