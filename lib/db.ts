@@ -82,6 +82,24 @@ const TRANSIENT_CODES = new Set([
 ]);
 
 /**
+ * SQLSTATEs that a smaller batch may avoid, so the writer splits the batch
+ * instead of retrying it whole forever: the shared lock table is full (53200:
+ * one transaction touched too many tables and indexes), a configured limit
+ * (53400), or a statement ran into `statement_timeout` (57014).
+ */
+const SIZE_DEPENDENT_CODES = new Set(["53200", "53400", "57014"]);
+
+/** True for a database error that a smaller batch may avoid (see SIZE_DEPENDENT_CODES). */
+export function isSizeDependent(err: unknown): boolean {
+  return err instanceof postgres.PostgresError && SIZE_DEPENDENT_CODES.has(err.code);
+}
+
+/** True when a statement was cancelled, by `statement_timeout` or by an operator (57014). */
+export function isStatementCancel(err: unknown): boolean {
+  return err instanceof postgres.PostgresError && err.code === "57014";
+}
+
+/**
  * True when a database error may go away by itself (so the batch is retried),
  * false when it is about the data (so the message is rejected). Unknown
  * non-database errors count as transient only when they look like I/O.

@@ -6,7 +6,14 @@
  * messages are left, and those are rejected.
  */
 
-import { errorText, isTransient, type Sql, type Tx } from "./db.ts";
+import {
+  errorText,
+  isSizeDependent,
+  isStatementCancel,
+  isTransient,
+  type Sql,
+  type Tx,
+} from "./db.ts";
 import { qualified } from "./ident.ts";
 import { type IrMessage, parseMessage } from "./ir.ts";
 import { log } from "./log.ts";
@@ -26,6 +33,14 @@ import {
 
 /** The table that records how far each client's spool is committed. */
 export const PROGRESS_TABLE = "sif_stream_progress";
+/**
+ * A message that alone still runs past `statement_timeout` is tried this many
+ * times (backoff from LONE_CANCEL_BACKOFF_MS, doubling), then rejected as
+ * `database rejected the row: canceling statement ...` with its dead letter,
+ * so one slow message cannot stop the stream.
+ */
+const LONE_CANCEL_ATTEMPTS = 3;
+const LONE_CANCEL_BACKOFF_MS = 500;
 /**
  * Distinct INSERT texts sent as named prepared statements. Each table and
  * column set has its own text, and postgres.js and the server keep a named
@@ -399,7 +414,14 @@ export class Writer {
       return await this.#commit(prepared, merged);
     } catch (firstError) {
       let e = firstError;
-      if (isTransient(e) || e instanceof Stopped) throw e;
+      if (e instanceof Stopped) throw e;
+      // Out of locks or past statement_timeout: halve the batch, not retry it
+      // whole forever. A lone message that is still out of locks waits for the
+      // server like any transient error; a lone one that keeps timing out is
+      // rejected below, after a few tries.
+      if (isSizeDependent(e)) {
+        if (prepared.length === 1 && !isStatementCancel(e)) throw e;
+      } else if (isTransient(e)) throw e;
       // The rows were merged away: prepare the messages again to split them.
       const full: Prepared[] = [];
       for (const p of prepared) full.push(p.ok && !p.groups ? await this.#prepare(p.entry) : p);
@@ -423,11 +445,20 @@ export class Writer {
       this.#o.schema.invalidate(one.table);
       const again = await this.#prepare(one.entry);
       if (again.ok) {
-        try {
-          return await this.#commit([again]);
-        } catch (e2) {
-          if (isTransient(e2)) throw e2;
-          e = e2;
+        for (let attempt = 1;; attempt++) {
+          try {
+            return await this.#commit([again]);
+          } catch (e2) {
+            if (e2 instanceof Stopped) throw e2;
+            const cancelled = isStatementCancel(e2);
+            if (isTransient(e2) && !cancelled) throw e2;
+            e = e2;
+            if (!cancelled || attempt >= LONE_CANCEL_ATTEMPTS) break;
+            await this.#sleep(LONE_CANCEL_BACKOFF_MS * 2 ** (attempt - 1), {
+              evenIfStopping: true,
+              onlyStopWakes: true,
+            });
+          }
         }
       }
       const parsed = parseMessage(one.entry.payload);

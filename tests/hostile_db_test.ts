@@ -654,3 +654,76 @@ Deno.test({
     assert.deepEqual(await allErrors(sql, schema), [[late, "invalid app", "before-create"]]);
   },
 });
+
+/**
+ * Makes every INSERT into `table` of more than `maxRows` rows fail with `sqlstate`, as a
+ * full lock table (53200) or statement_timeout (57014) does for a batch that is too big.
+ */
+async function failLargeInserts(sql: Sql, table: AppTable, sqlstate: string, maxRows: number) {
+  const fn = `${ident(table.schema)}.${ident(`${table.name}_limit`)}`;
+  await sql.unsafe(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $f$
+    BEGIN
+      IF (SELECT count(*) FROM new_rows) > ${maxRows} THEN
+        RAISE EXCEPTION USING ERRCODE = '${sqlstate}', MESSAGE = 'too much for this test';
+      END IF;
+      RETURN NULL;
+    END $f$`);
+  await sql.unsafe(`CREATE TRIGGER size_limit AFTER INSERT ON ${table.qualified}
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION ${fn}()`);
+}
+
+for (
+  const [sqlstate, what] of [["53200", "out of shared memory"], ["57014", "timeout"]] as const
+) {
+  Deno.test({
+    name: `a batch that fails with ${sqlstate} (${what}) is split, not retried whole forever`,
+    ...npmSockets,
+    async fn() {
+      let table: AppTable | null = null;
+      await using s = await setup(() => [table!.name]);
+      const { sql, schema, svc } = s;
+      table = await createAppTable(sql, {}, { schema });
+      await failLargeInserts(sql, table, sqlstate, 2);
+      const app = table.name;
+      const one = (v: number) => msg(app, { payload: { v } }, `d${v}`);
+      // The writer blocks on the first message, so the next six make one batch of 6 rows.
+      const lock = await lockTable(sql, table.qualified);
+      try {
+        await svc.publish(one(1));
+        await lock.waiter();
+        await svc.publishAll([2, 3, 4, 5, 6, 7].map(one));
+        await waitFor(() => svc.received >= 7, 10_000, "7 messages received");
+      } finally {
+        await lock.release();
+      }
+      await svc.idle(7, 20_000);
+      assert.deepEqual(
+        (await readRows(sql, table)).map((r) => r.value),
+        [1, 2, 3, 4, 5, 6, 7],
+      );
+      assert.deepEqual(await allErrors(sql, schema), []);
+      assert.equal(svc.batches.reduce((n, b) => n + b.rows, 0), 7);
+    },
+  });
+}
+
+Deno.test({
+  name: "a lone message that keeps hitting statement_timeout is rejected after a few tries",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, {}, { schema });
+    await failLargeInserts(sql, table, "57014", 2);
+    const app = table.name;
+    await svc.publish(msg(app, { payload: { a: 1, b: 2, c: 3 } }, "slow"));
+    await svc.publish(msg(app, { payload: { v: 9 } }, "after"));
+    await svc.idle(2, 30_000);
+    assert.deepEqual((await readRows(sql, table)).map((r) => r.value), [9]);
+    assert.deepEqual(await allErrors(sql, schema), [
+      [app, "database rejected the row: too much for this test (SQLSTATE 57014)", "slow"],
+    ]);
+    assert.deepEqual((await deadLetters(sql, svc.source, schema)).map((d) => d.device), ["slow"]);
+  },
+});
