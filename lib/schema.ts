@@ -74,8 +74,10 @@ export class SchemaCache {
 
   async #read(table: string): Promise<TableInfo | null> {
     const readAt = this.now(); // the catalog as of the query's start
-    const rows = await this.sql.unsafe<{ name: string; type: string; typmod: number }[]>(
-      `SELECT a.attname AS name, t.typname AS type, a.atttypmod AS typmod
+    const rows = await this.sql.unsafe<
+      { name: string; type: string; typmod: number; oid: string }[]
+    >(
+      `SELECT a.attname AS name, t.typname AS type, a.atttypmod AS typmod, c.oid::text AS oid
          FROM pg_catalog.pg_attribute a
          JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -93,7 +95,7 @@ export class SchemaCache {
         const sized = (r.type === "varchar" || r.type === "bpchar") && r.typmod > 4;
         columns.set(r.name, { kind, maxChars: sized ? r.typmod - 4 : null });
       }
-      info = { schema: this.schema, table, columns };
+      info = { schema: this.schema, table, oid: rows[0]!.oid, columns };
     }
     // Unknown names come from senders: keep at most MAX_ENTRIES, oldest out first.
     this.#entries.delete(table);

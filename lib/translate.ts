@@ -23,6 +23,11 @@ export interface ColumnInfo {
 export interface TableInfo {
   readonly schema: string;
   readonly table: string;
+  /**
+   * The relation's oid when read from the catalog: the writer checks, inside
+   * the transaction, that the name still means this relation.
+   */
+  readonly oid?: string;
   readonly columns: ReadonlyMap<string, ColumnInfo>;
 }
 

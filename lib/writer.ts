@@ -104,6 +104,20 @@ interface Batch {
 
 class Stopped extends Error {}
 
+/**
+ * A table of the batch is no longer the relation the schema cache read (it
+ * was dropped and made again, or replaced by a view): the transaction was
+ * rolled back before COMMIT.
+ */
+class TableReplaced extends Error {
+  constructor(readonly tables: string[]) {
+    super(`tables changed while the batch was written: ${tables.join(", ")}`);
+  }
+}
+
+/** Re-preparations after TableReplaced before the batch is retried with backoff. */
+const MAX_REPLACED_RETRIES = 5;
+
 export class Writer {
   #lastSeq = 0;
   /** Ends the current sleep: on new messages (idle sleeps) and on stop (all sleeps). */
@@ -411,7 +425,7 @@ export class Writer {
     merged?: Map<string, RowGroup>,
   ): Promise<{ rows: number; rejected: number }> {
     try {
-      return await this.#commit(prepared, merged);
+      return await this.#commitChecked(prepared, merged);
     } catch (firstError) {
       let e = firstError;
       if (e instanceof Stopped) throw e;
@@ -438,7 +452,7 @@ export class Writer {
       const undefinedTable = (e as { code?: unknown }).code === "42P01";
       if (undefinedTable) await this.#ensureTables();
       if (!one.ok) {
-        if (undefinedTable) return await this.#commit([one]);
+        if (undefinedTable) return await this.#commitChecked([one]);
         return await this.#recordAnyway(one, e);
       }
       // The table may have changed under the cache: look again, once.
@@ -447,7 +461,7 @@ export class Writer {
       if (again.ok) {
         for (let attempt = 1;; attempt++) {
           try {
-            return await this.#commit([again]);
+            return await this.#commitChecked([again]);
           } catch (e2) {
             if (e2 instanceof Stopped) throw e2;
             const cancelled = isStatementCancel(e2);
@@ -470,8 +484,28 @@ export class Writer {
           reject(`database rejected the row: ${errorText(e)}`, appId, device),
         )
         : again;
-      return await this.#commit([final]);
+      return await this.#commitChecked([final]);
     }
+  }
+
+  /** Names in `merged` that no longer resolve to the oid the cache read. */
+  async #replacedTables(tx: Tx, merged: Map<string, RowGroup>): Promise<string[]> {
+    const oids = new Map<string, string>();
+    for (const g of merged.values()) if (g.table.oid) oids.set(g.table.table, g.table.oid);
+    if (oids.size === 0) return [];
+    const query = tx.unsafe<{ name: string }[]>(
+      `SELECT e.name FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::oid[]))
+               AS e(name, oid)
+        WHERE pg_catalog.to_regclass(pg_catalog.quote_ident($3) || '.' ||
+                pg_catalog.quote_ident(e.name))::oid IS DISTINCT FROM e.oid`,
+      [
+        tx.typed(arrayLiteral([...oids.keys()]) as never, 0),
+        tx.typed(arrayLiteral([...oids.values()]) as never, 0),
+        this.#o.schema.schema,
+      ] as never[],
+      { prepare: true },
+    ).execute();
+    return (await query).map((r) => r.name);
   }
 
   /** Whether to send `text` as a named prepared statement (MAX_PREPARED_INSERTS). */
@@ -497,7 +531,7 @@ export class Writer {
       error: errorText(e),
     });
     try {
-      return await this.#commit([one], undefined, "deadLetter");
+      return await this.#commitChecked([one], undefined, "deadLetter");
     } catch (e2) {
       if (isTransient(e2) || e2 instanceof Stopped) throw e2;
       log("error", "cannot record the rejected message at all; moving past it", {
@@ -506,7 +540,33 @@ export class Writer {
         error: errorText(e2),
         payload_bytes: one.rejected.payload.length,
       });
-      return await this.#commit([one], undefined, "none");
+      return await this.#commitChecked([one], undefined, "none");
+    }
+  }
+
+  /**
+   * #commit, again with a fresh look at the catalog when a table turned out
+   * to be another relation than the cached one (see TableReplaced).
+   */
+  async #commitChecked(
+    prepared: Prepared[],
+    given?: Map<string, RowGroup>,
+    record: "all" | "deadLetter" | "none" = "all",
+  ): Promise<{ rows: number; rejected: number }> {
+    for (let attempt = 1;; attempt++) {
+      try {
+        return await this.#commit(prepared, given, record);
+      } catch (e) {
+        if (!(e instanceof TableReplaced) || attempt > MAX_REPLACED_RETRIES) throw e;
+        log("info", "app table changed under the cache; reading it again", {
+          app_id: e.tables.join(","),
+        });
+        for (const t of e.tables) this.#o.schema.invalidate(t);
+        const fresh: Prepared[] = [];
+        for (const p of prepared) fresh.push(p.ok ? await this.#prepare(p.entry) : p);
+        prepared = fresh;
+        given = undefined;
+      }
     }
   }
 
@@ -571,8 +631,16 @@ export class Writer {
           { prepare: true },
         ).execute(),
       );
+      // Sent after the inserts, which hold their tables' locks until COMMIT:
+      // each name must still mean the relation the cache read, or the rows
+      // went somewhere else (a view in its place, say). Rolled back then.
+      const check = this.#replacedTables(tx, merged);
+      sent.push(check); // (so a failed transaction does not leave it unhandled)
       this.#onBusy?.(last);
-      return Promise.all(sent);
+      return Promise.all(sent).then(async () => {
+        const replaced = await check;
+        if (replaced.length > 0) throw new TableReplaced(replaced);
+      });
     });
     spool.deleteThrough(last);
     this.#lastSeq = last;

@@ -727,3 +727,33 @@ Deno.test({
     assert.deepEqual((await deadLetters(sql, svc.source, schema)).map((d) => d.device), ["slow"]);
   },
 });
+
+Deno.test({
+  name: "a cached app table replaced by a view onto another table: nothing written through it",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, {}, { schema });
+    const app = table.name;
+    const secret = `${ident(schema)}.${ident(`${app}_secret`)}`;
+    await sql.unsafe(`CREATE TABLE ${secret} (time TIMESTAMPTZ, note TEXT, score FLOAT8)`);
+    await sql.unsafe(`INSERT INTO ${secret} VALUES (now(), 'topsecret', 42)`);
+    // Cached as an app table by the first message.
+    await svc.publish(msg(app, { payload: { before: 1 } }, "before"));
+    await svc.idle(1);
+    assert.deepEqual((await readRows(sql, table)).map((r) => r.metric), ["before"]);
+    // Replaced by an updatable view that maps time/metric/value onto the other table.
+    await sql.unsafe(`DROP TABLE ${table.qualified}`);
+    await sql.unsafe(`CREATE VIEW ${table.qualified} AS
+      SELECT time, note AS metric, score AS value FROM ${secret}`);
+    await svc.publish(msg(app, { payload: { through_view: 1 } }, "after"));
+    await svc.idle(2);
+    const [r] = await sql.unsafe(`SELECT count(*)::int AS n FROM ${secret}`);
+    assert.equal(r!.n, 1, "nothing was written into the table behind the view");
+    assert.deepEqual(await allErrors(sql, schema), [[app, "invalid app", "after"]]);
+    await sql.unsafe(`DROP VIEW ${table.qualified}`);
+    await sql.unsafe(`DROP TABLE ${secret}`);
+  },
+});
