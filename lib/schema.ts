@@ -24,6 +24,13 @@ const KINDS: Record<string, ColumnKind> = {
   timestamp: "timestamp",
 };
 
+/** Integer column types and the values they take (after rounding). */
+const INT_RANGES: Record<string, { type: string; min: number; max: number }> = {
+  int2: { type: "smallint", min: -32768, max: 32767 },
+  int4: { type: "integer", min: -2147483648, max: 2147483647 },
+  int8: { type: "bigint", min: -9223372036854775808, max: 9223372036854775807 },
+};
+
 /** Most tables remembered; a flood of made-up app ids cannot grow memory past it. */
 const MAX_ENTRIES = 10_000;
 
@@ -93,7 +100,13 @@ export class SchemaCache {
       for (const r of rows) {
         const kind = KINDS[r.type] ?? "other";
         const sized = (r.type === "varchar" || r.type === "bpchar") && r.typmod > 4;
-        columns.set(r.name, { kind, maxChars: sized ? r.typmod - 4 : null });
+        const exact = r.type in INT_RANGES || r.type === "numeric";
+        columns.set(r.name, {
+          kind,
+          maxChars: sized ? r.typmod - 4 : null,
+          ...(exact ? { exact } : {}),
+          ...(r.type in INT_RANGES ? { intRange: INT_RANGES[r.type] } : {}),
+        });
       }
       info = { schema: this.schema, table, oid: rows[0]!.oid, columns };
     }

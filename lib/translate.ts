@@ -17,6 +17,14 @@ export interface ColumnInfo {
   readonly kind: ColumnKind;
   /** Character limit of `varchar(n)` / `char(n)` columns, else null. */
   readonly maxChars: number | null;
+  /**
+   * Number columns that keep every digit (smallint, integer, bigint, numeric),
+   * unlike double precision: a JSON integer beyond 2^53 has already lost
+   * digits in JSON.parse, so it is refused rather than stored rounded.
+   */
+  readonly exact?: boolean;
+  /** Integer columns: the values PostgreSQL accepts (it rounds fractions). */
+  readonly intRange?: { readonly type: string; readonly min: number; readonly max: number };
 }
 
 /** A table as found in the catalog. */
@@ -151,10 +159,18 @@ function cellFor(value: Scalar, col: ColumnInfo, name: string): Cell | { reason:
   if (value === null) return null;
   switch (col.kind) {
     case "number":
-      if (typeof value === "number") return value;
+      if (typeof value === "number") {
+        if (col.exact && !exactInteger(value)) return { reason: inexact(name) };
+        const r = col.intRange;
+        if (r && (value < r.min - 0.5 || value >= r.max + 0.5)) {
+          return { reason: `value out of range for column "${name}" (${r.type})` };
+        }
+        return value;
+      }
       if (typeof value === "string") return { reason: Reasons.stringForNumber };
       return { reason: Reasons.booleanForNumber };
     case "text": {
+      if (typeof value === "number" && !exactInteger(value)) return { reason: inexact(name) };
       const text = typeof value === "string" ? value : String(value);
       if (col.maxChars !== null && charLength(text) > col.maxChars) {
         return { reason: `value too long for column "${name}" (max ${col.maxChars} characters)` };
@@ -167,6 +183,15 @@ function cellFor(value: Scalar, col: ColumnInfo, name: string): Cell | { reason:
     default:
       return { reason: `unsupported column type for "${name}"` };
   }
+}
+
+/** False for an integer beyond 2^53, whose JSON digits a double cannot keep. */
+function exactInteger(n: number): boolean {
+  return !Number.isInteger(n) || Number.isSafeInteger(n);
+}
+
+function inexact(name: string): string {
+  return `number beyond 2^53 cannot be stored exactly in column "${name}" (send it as a string)`;
 }
 
 /** Length in characters (code points), as PostgreSQL counts for varchar(n). */

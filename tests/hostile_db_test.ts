@@ -544,7 +544,7 @@ Deno.test({
     let table: AppTable | null = null;
     await using s = await setup(() => [table!.name]);
     const { sql, schema, svc } = s;
-    // The cache sees a number column and no constraint; only PostgreSQL knows better.
+    // The cache knows the smallint range but not the CHECK: only PostgreSQL knows that.
     table = await createAppTable(sql, { tiny: "SMALLINT", site: "VARCHAR(128)" }, {
       schema,
       constraints: "CONSTRAINT small_value CHECK (value < 1000)",
@@ -577,7 +577,8 @@ Deno.test({
         `"small_value" (SQLSTATE 23514)`,
         "check",
       ],
-      [app, "database rejected the row: smallint out of range (SQLSTATE 22003)", "smallint"],
+      // Found before the insert since the cache knows the column's range.
+      [app, 'value out of range for column "tiny" (smallint)', "smallint"],
     ]);
     assert.deepEqual(
       (await deadLetters(sql, svc.source, schema)).map((d) => d.device),
@@ -755,5 +756,55 @@ Deno.test({
     assert.deepEqual(await allErrors(sql, schema), [[app, "invalid app", "after"]]);
     await sql.unsafe(`DROP VIEW ${table.qualified}`);
     await sql.unsafe(`DROP TABLE ${secret}`);
+  },
+});
+
+Deno.test({
+  name: "integers beyond 2^53 and out-of-range integers: refused before the insert, never rounded",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name]);
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, {
+      serial: "BIGINT",
+      tag: "VARCHAR(128)",
+      cnt: "INTEGER",
+      amount: "NUMERIC",
+    }, { schema });
+    const app = table.name;
+    const m = (device: string, metadata: Record<string, unknown>) => msg(app, { metadata }, device);
+    // Sent as JSON text, so the digits are exactly what a sender would write.
+    const raw = (device: string, field: string, digits: string) =>
+      `{"app_id":"${app}","data":{"time":${T0},"device":"${device}",` +
+      `"metadata":{"${field}":${digits}},"payload":{"x":1}}}`;
+    await svc.publish(raw("serial", "serial", "9007199254740993"));
+    await svc.publish(raw("tag", "tag", "12345678901234567890"));
+    await svc.publish(raw("amount", "amount", "9007199254740993"));
+    await svc.publish(m("cnt-big", { cnt: 1e10 }));
+    await svc.publish(m("cnt-round", { cnt: 3.7 }));
+    await svc.publish(
+      m("exact", { serial: 9007199254740991, tag: 9007199254740991, amount: 0.25 }),
+    );
+    await svc.idle(6);
+    const rows = await sql.unsafe(
+      `SELECT serial::text, tag, cnt, amount::text FROM ${table.qualified}
+        ORDER BY cnt NULLS LAST`,
+    );
+    assert.deepEqual(rows.map((r) => [r.serial, r.tag, r.cnt, r.amount]), [
+      [null, null, 4, null], // PostgreSQL rounds a fraction into an integer column
+      ["9007199254740991", "9007199254740991", null, "0.25"],
+    ]);
+    const inexact = (c: string) =>
+      `number beyond 2^53 cannot be stored exactly in column "${c}" (send it as a string)`;
+    assert.deepEqual(
+      await allErrors(sql, schema),
+      [
+        [app, inexact("amount"), "amount"],
+        [app, inexact("serial"), "serial"],
+        [app, inexact("tag"), "tag"],
+        [app, 'value out of range for column "cnt" (integer)', "cnt-big"],
+      ].sort((a, b) => a[1]! < b[1]! ? -1 : a[1]! > b[1]! ? 1 : 0),
+    );
   },
 });

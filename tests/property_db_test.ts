@@ -164,6 +164,8 @@ function model(wire: { app_id: string; data: Record<string, unknown> }, target: 
     if (typeof v === "string" && !textOk(v)) return undefined;
     if (col[1] === "number") return typeof v === "number" ? v : undefined;
     if (col[1] === "boolean") return typeof v === "boolean" ? v : undefined;
+    // An integer beyond 2^53 lost digits in JSON.parse: refused, not stored rounded.
+    if (typeof v === "number" && Number.isInteger(v) && !Number.isSafeInteger(v)) return undefined;
     const text = String(v);
     return col[2] !== null && chars(text) > col[2] ? undefined : text;
   };

@@ -395,9 +395,9 @@ Deno.test("a number into a text column is stored as its JavaScript string", () =
     [3, "3"],
     [-0, "0"],
     [0.1, "0.1"],
-    [1e21, "1e+21"],
+    [1.5e-300, "1.5e-300"],
     [5e-324, "5e-324"],
-    [9007199254740993, "9007199254740992"],
+    [9007199254740991, "9007199254740991"], // 2^53 - 1: the largest exact integer
   ];
   for (const [n, s] of values) {
     const t = translate(
@@ -405,6 +405,60 @@ Deno.test("a number into a text column is stored as its JavaScript string", () =
       appTable({ site: ["text", 128] }),
     );
     assert.deepEqual(groupsOf(t)[0]!.cells, [[s]], `${n}`);
+  }
+});
+
+Deno.test("an integer beyond 2^53 is refused where its digits would be kept (text, bigint, numeric)", () => {
+  // JSON.parse has already rounded 9007199254740993 to ...992: storing that in a text
+  // or bigint column (a device serial, say) would file it under another number.
+  const exactCols = new Map<string, ColumnInfo>([
+    ...cols(CORE),
+    ["site", { kind: "text", maxChars: 128 }],
+    ["big", { kind: "number", maxChars: null, exact: true }],
+    ["dbl", { kind: "number", maxChars: null }],
+  ]);
+  const table = { schema: "public", table: "app", columns: exactCols };
+  for (const column of ["site", "big"]) {
+    for (const n of [9007199254740993, -9007199254740993, 1e21]) {
+      const t = translate(ir([{ metadata: [[column, n]], payload: [["x", 1]] }]), table);
+      assert.deepEqual(
+        t.ok ? null : t.rejection.reason,
+        `number beyond 2^53 cannot be stored exactly in column "${column}" (send it as a string)`,
+        `${column} ${n}`,
+      );
+    }
+    const ok = translate(
+      ir([{ metadata: [[column, 9007199254740991]], payload: [["x", 1]] }]),
+      table,
+    );
+    assert.ok(ok.ok, `${column}: 2^53 - 1 is exact`);
+  }
+  // A double precision column holds the double itself: nothing is lost.
+  const dbl = translate(
+    ir([{ metadata: [["dbl", 9007199254740993]], payload: [["x", 1]] }]),
+    table,
+  );
+  assert.deepEqual(groupsOf(dbl)[0]!.cells, [[9007199254740992]]);
+});
+
+Deno.test("integer columns: values PostgreSQL would refuse are rejected before the insert", () => {
+  const columns = new Map<string, ColumnInfo>([
+    ...cols(CORE),
+    ["s", {
+      kind: "number",
+      maxChars: null,
+      exact: true,
+      intRange: { type: "smallint", min: -32768, max: 32767 },
+    }],
+  ]);
+  const table = { schema: "public", table: "app", columns };
+  const reason = (n: number) => {
+    const t = translate(ir([{ metadata: [["s", n]], payload: [["x", 1]] }]), table);
+    return t.ok ? "ok" : t.rejection.reason;
+  };
+  for (const n of [32767, -32768, 3.7, 32767.4, -32768.4]) assert.equal(reason(n), "ok", `${n}`);
+  for (const n of [32768, -32769, 32767.5, 1e10]) {
+    assert.equal(reason(n), 'value out of range for column "s" (smallint)', `${n}`);
   }
 });
 
