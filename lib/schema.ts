@@ -100,7 +100,7 @@ export class SchemaCache {
       for (const r of rows) {
         const kind = KINDS[r.type] ?? "other";
         const sized = (r.type === "varchar" || r.type === "bpchar") && r.typmod > 4;
-        const exact = r.type in INT_RANGES || r.type === "numeric";
+        const exact = r.type in INT_RANGES;
         columns.set(r.name, {
           kind,
           maxChars: sized ? r.typmod - 4 : null,

@@ -20,6 +20,8 @@ import { Writer, type WriterEvents } from "./writer.ts";
 export interface ServiceHooks {
   readonly writer?: WriterEvents;
   readonly mqtt?: MqttEvents;
+  /** Writer timings that tests shorten (defaults in lib/writer.ts). */
+  readonly writerTimings?: { readonly loneCancelWaitMs?: number };
 }
 
 export interface Service {
@@ -78,6 +80,7 @@ export function startService(config: Config, hooks: ServiceHooks = {}): Service 
     batchMaxWaitMs: config.batchMaxWaitMs,
     events: both<WriterEvents>(metrics.writer, hooks.writer),
     provision: config.autoCreateTables ? new Provisioner(sql, config.schema) : undefined,
+    ...hooks.writerTimings,
   });
   const writing = writer.start();
 

@@ -18,9 +18,10 @@ export interface ColumnInfo {
   /** Character limit of `varchar(n)` / `char(n)` columns, else null. */
   readonly maxChars: number | null;
   /**
-   * Number columns that keep every digit (smallint, integer, bigint, numeric),
-   * unlike double precision: a JSON integer beyond 2^53 has already lost
+   * Integer columns (smallint, integer, bigint), which hold identifiers and
+   * counts digit for digit: a JSON integer beyond 2^53 has already lost
    * digits in JSON.parse, so it is refused rather than stored rounded.
+   * (`numeric` and `double precision` take it as the measurement it is.)
    */
   readonly exact?: boolean;
   /** Integer columns: the values PostgreSQL accepts (it rounds fractions). */
@@ -96,6 +97,9 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
     };
   }
   const metricLimit = table.columns.get("metric")!.maxChars;
+  const valueCol = table.columns.get("value")!;
+  // Only an integer value column can refuse a number (double precision takes any).
+  const checkValue = valueCol.exact === true || valueCol.intRange !== undefined;
   const groups = new Map<string, RowGroup>();
   let rows = 0;
   let total = 0; // values so far (see MAX_CELLS_PER_MESSAGE)
@@ -124,8 +128,13 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
       let names = metaNames;
       let cells = metaCells;
       let numeric: number;
-      if (typeof value === "number") numeric = value;
-      else if (typeof value === "boolean") numeric = value ? 1 : 0;
+      if (typeof value === "number") {
+        if (checkValue) {
+          const cell = cellFor(value, valueCol, "value");
+          if (typeof cell === "object" && cell !== null) return fail(cell.reason);
+        }
+        numeric = value;
+      } else if (typeof value === "boolean") numeric = value ? 1 : 0;
       else {
         // A string metric: value 0, the text in the column named after the metric.
         const col = table.columns.get(metric);
@@ -160,7 +169,7 @@ function cellFor(value: Scalar, col: ColumnInfo, name: string): Cell | { reason:
   switch (col.kind) {
     case "number":
       if (typeof value === "number") {
-        if (col.exact && !exactInteger(value)) return { reason: inexact(name) };
+        if (col.exact && !exactInteger(value)) return { reason: inexact(name, false) };
         const r = col.intRange;
         if (r && (value < r.min - 0.5 || value >= r.max + 0.5)) {
           return { reason: `value out of range for column "${name}" (${r.type})` };
@@ -190,8 +199,9 @@ function exactInteger(n: number): boolean {
   return !Number.isInteger(n) || Number.isSafeInteger(n);
 }
 
-function inexact(name: string): string {
-  return `number beyond 2^53 cannot be stored exactly in column "${name}" (send it as a string)`;
+function inexact(name: string, asString = true): string {
+  return `number beyond 2^53 cannot be stored exactly in column "${name}"` +
+    (asString ? " (send it as a string)" : "");
 }
 
 /** Length in characters (code points), as PostgreSQL counts for varchar(n). */

@@ -34,12 +34,14 @@ import {
 /** The table that records how far each client's spool is committed. */
 export const PROGRESS_TABLE = "sif_stream_progress";
 /**
- * A message that alone still runs past `statement_timeout` is tried this many
- * times (backoff from LONE_CANCEL_BACKOFF_MS, doubling), then rejected as
- * `database rejected the row: canceling statement ...` with its dead letter,
- * so one slow message cannot stop the stream.
+ * A message that alone still runs past `statement_timeout` is tried again
+ * with backoff (from LONE_CANCEL_BACKOFF_MS, doubling, at most 15 s) for
+ * about LONE_CANCEL_WAIT_MS: long enough to outlast a lock held for a while
+ * (a lock wait also ends in statement_timeout), short enough that a message
+ * too slow to ever fit cannot stop the stream. Then it is rejected as
+ * `database rejected the row: canceling statement ...` with its dead letter.
  */
-const LONE_CANCEL_ATTEMPTS = 3;
+const LONE_CANCEL_WAIT_MS = 60_000;
 const LONE_CANCEL_BACKOFF_MS = 500;
 /**
  * Distinct INSERT texts sent as named prepared statements. Each table and
@@ -78,6 +80,8 @@ export interface WriterOptions {
   readonly events?: WriterEvents;
   /** Longest wait between retries. */
   readonly maxBackoffMs?: number;
+  /** Default LONE_CANCEL_WAIT_MS: retry time for a lone message past statement_timeout. */
+  readonly loneCancelWaitMs?: number;
   /** AUTO_CREATE_TABLES: creates a missing app table before its first insert. */
   readonly provision?: Provisioner;
   /** When idle, check the database this often (readiness); default 5 s. */
@@ -428,7 +432,8 @@ export class Writer {
       return await this.#commitChecked(prepared, merged);
     } catch (firstError) {
       let e = firstError;
-      if (e instanceof Stopped) throw e;
+      // A table that keeps changing is not the data's fault: retried whole.
+      if (e instanceof Stopped || e instanceof TableReplaced) throw e;
       // Out of locks or past statement_timeout: halve the batch, not retry it
       // whole forever. A lone message that is still out of locks waits for the
       // server like any transient error; a lone one that keeps timing out is
@@ -459,19 +464,25 @@ export class Writer {
       this.#o.schema.invalidate(one.table);
       const again = await this.#prepare(one.entry);
       if (again.ok) {
+        const budget = this.#o.loneCancelWaitMs ?? LONE_CANCEL_WAIT_MS;
+        let waited = 0;
         for (let attempt = 1;; attempt++) {
           try {
             return await this.#commitChecked([again]);
           } catch (e2) {
-            if (e2 instanceof Stopped) throw e2;
+            if (e2 instanceof Stopped || e2 instanceof TableReplaced) throw e2;
             const cancelled = isStatementCancel(e2);
             if (isTransient(e2) && !cancelled) throw e2;
             e = e2;
-            if (!cancelled || attempt >= LONE_CANCEL_ATTEMPTS) break;
-            await this.#sleep(LONE_CANCEL_BACKOFF_MS * 2 ** (attempt - 1), {
-              evenIfStopping: true,
-              onlyStopWakes: true,
+            if (!cancelled || waited >= budget) break;
+            const delay = Math.min(LONE_CANCEL_BACKOFF_MS * 2 ** (attempt - 1), 15_000);
+            waited += delay;
+            log("warn", "a message alone was cancelled (statement_timeout); trying again", {
+              app_id: one.table,
+              error: errorText(e2),
+              retry_in_ms: delay,
             });
+            await this.#sleep(delay, { evenIfStopping: true, onlyStopWakes: true });
           }
         }
       }
@@ -557,11 +568,13 @@ export class Writer {
       try {
         return await this.#commit(prepared, given, record);
       } catch (e) {
-        if (!(e instanceof TableReplaced) || attempt > MAX_REPLACED_RETRIES) throw e;
+        if (!(e instanceof TableReplaced)) throw e;
+        for (const t of e.tables) this.#o.schema.invalidate(t);
+        // Still changing: the batch is retried with backoff (never rejected for it).
+        if (attempt > MAX_REPLACED_RETRIES) throw e;
         log("info", "app table changed under the cache; reading it again", {
           app_id: e.tables.join(","),
         });
-        for (const t of e.tables) this.#o.schema.invalidate(t);
         const fresh: Prepared[] = [];
         for (const p of prepared) fresh.push(p.ok ? await this.#prepare(p.entry) : p);
         prepared = fresh;

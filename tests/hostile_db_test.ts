@@ -21,6 +21,7 @@ import {
   type Sql,
   startTestService,
   type TestService,
+  type TestServiceOptions,
   uid,
   waitFor,
 } from "./helpers/service.ts";
@@ -66,11 +67,14 @@ interface Setup extends AsyncDisposable {
 }
 
 /** A private schema, the service on it (ready), and a fingerprint helper. */
-async function setup(changing: () => readonly string[] = () => []): Promise<Setup> {
+async function setup(
+  changing: () => readonly string[] = () => [],
+  options: Omit<TestServiceOptions, "schema"> = {},
+): Promise<Setup> {
   await ensureDatabase();
   const sql = db();
   const schema = await createSchema(sql, "hostile");
-  const svc = await startTestService({ schema: schema.name });
+  const svc = await startTestService({ ...options, schema: schema.name });
   await serviceReady(sql, schema.name);
   return {
     sql,
@@ -660,11 +664,19 @@ Deno.test({
  * Makes every INSERT into `table` of more than `maxRows` rows fail with `sqlstate`, as a
  * full lock table (53200) or statement_timeout (57014) does for a batch that is too big.
  */
-async function failLargeInserts(sql: Sql, table: AppTable, sqlstate: string, maxRows: number) {
+async function failLargeInserts(
+  sql: Sql,
+  table: AppTable,
+  sqlstate: string,
+  maxRows: number,
+  /** Fail only while this table (schema-qualified) has a row: a passing condition. */
+  whileRowIn?: string,
+) {
   const fn = `${ident(table.schema)}.${ident(`${table.name}_limit`)}`;
+  const gate = whileRowIn ? `EXISTS (SELECT FROM ${whileRowIn}) AND` : "";
   await sql.unsafe(`CREATE FUNCTION ${fn}() RETURNS trigger LANGUAGE plpgsql AS $f$
     BEGIN
-      IF (SELECT count(*) FROM new_rows) > ${maxRows} THEN
+      IF ${gate} (SELECT count(*) FROM new_rows) > ${maxRows} THEN
         RAISE EXCEPTION USING ERRCODE = '${sqlstate}', MESSAGE = 'too much for this test';
       END IF;
       RETURN NULL;
@@ -709,11 +721,11 @@ for (
 }
 
 Deno.test({
-  name: "a lone message that keeps hitting statement_timeout is rejected after a few tries",
+  name: "a lone message that keeps hitting statement_timeout is rejected after its retry time",
   ...npmSockets,
   async fn() {
     let table: AppTable | null = null;
-    await using s = await setup(() => [table!.name]);
+    await using s = await setup(() => [table!.name], { writerTimings: { loneCancelWaitMs: 1500 } });
     const { sql, schema, svc } = s;
     table = await createAppTable(sql, {}, { schema });
     await failLargeInserts(sql, table, "57014", 2);
@@ -780,31 +792,84 @@ Deno.test({
       `"metadata":{"${field}":${digits}},"payload":{"x":1}}}`;
     await svc.publish(raw("serial", "serial", "9007199254740993"));
     await svc.publish(raw("tag", "tag", "12345678901234567890"));
-    await svc.publish(raw("amount", "amount", "9007199254740993"));
     await svc.publish(m("cnt-big", { cnt: 1e10 }));
     await svc.publish(m("cnt-round", { cnt: 3.7 }));
     await svc.publish(
       m("exact", { serial: 9007199254740991, tag: 9007199254740991, amount: 0.25 }),
     );
+    // numeric takes a large measurement as the double it is.
+    await svc.publish(m("avogadro", { amount: 6.022e23 }));
     await svc.idle(6);
     const rows = await sql.unsafe(
       `SELECT serial::text, tag, cnt, amount::text FROM ${table.qualified}
-        ORDER BY cnt NULLS LAST`,
+        ORDER BY cnt NULLS LAST, amount`,
     );
     assert.deepEqual(rows.map((r) => [r.serial, r.tag, r.cnt, r.amount]), [
       [null, null, 4, null], // PostgreSQL rounds a fraction into an integer column
       ["9007199254740991", "9007199254740991", null, "0.25"],
+      [null, null, null, "602200000000000000000000"],
     ]);
-    const inexact = (c: string) =>
-      `number beyond 2^53 cannot be stored exactly in column "${c}" (send it as a string)`;
+    const inexact = (c: string, asString = true) =>
+      `number beyond 2^53 cannot be stored exactly in column "${c}"` +
+      (asString ? " (send it as a string)" : "");
     assert.deepEqual(
       await allErrors(sql, schema),
       [
-        [app, inexact("amount"), "amount"],
-        [app, inexact("serial"), "serial"],
+        [app, inexact("serial", false), "serial"],
         [app, inexact("tag"), "tag"],
         [app, 'value out of range for column "cnt" (integer)', "cnt-big"],
       ].sort((a, b) => a[1]! < b[1]! ? -1 : a[1]! > b[1]! ? 1 : 0),
     );
+  },
+});
+
+Deno.test({
+  name: "a lone message cancelled by statement_timeout for a while (a lock wait) still lands",
+  ...npmSockets,
+  async fn() {
+    let table: AppTable | null = null;
+    await using s = await setup(() => [table!.name, `${table!.name}_gate`], {
+      writerTimings: { loneCancelWaitMs: 20_000 },
+    });
+    const { sql, schema, svc } = s;
+    table = await createAppTable(sql, {}, { schema });
+    const gate = `${ident(schema)}.${ident(`${table.name}_gate`)}`;
+    await sql.unsafe(`CREATE TABLE ${gate} (x int)`);
+    await sql.unsafe(`INSERT INTO ${gate} VALUES (1)`);
+    await failLargeInserts(sql, table, "57014", 0, gate);
+    await svc.publish(msg(table.name, { payload: { a: 1 } }, "waits"));
+    await waitFor(() => svc.received >= 1, 10_000, "received");
+    await new Promise((r) => setTimeout(r, 1500)); // cancelled twice or so meanwhile
+    await sql.unsafe(`DELETE FROM ${gate}`); // the "lock" is released
+    await svc.idle(1, 30_000);
+    assert.deepEqual((await readRows(sql, table)).map((r) => r.value), [1]);
+    assert.deepEqual(await allErrors(sql, schema), []);
+    await sql.unsafe(`DROP TABLE ${gate}`);
+  },
+});
+
+Deno.test({
+  name: "an integer value column: out-of-range and beyond-2^53 numbers are refused up front",
+  ...npmSockets,
+  async fn() {
+    await using s = await setup();
+    const { sql, schema, svc } = s;
+    const name = `app_${crypto.randomUUID().slice(0, 8)}`;
+    const qualified = `${ident(schema)}.${ident(name)}`;
+    await sql.unsafe(`CREATE TABLE ${qualified} (time TIMESTAMPTZ NOT NULL,
+      metric VARCHAR(128) NOT NULL, value BIGINT NOT NULL, small SMALLINT)`);
+    await svc.publish(msg(name, { payload: { ok: 7, flag: true } }, "ok"));
+    await svc.publish(
+      `{"app_id":"${name}","data":{"time":${T0},"device":"big","payload":{"v":9007199254740993}}}`,
+    );
+    await svc.publish(msg(name, { metadata: { small: 40000 } }, "range"));
+    await svc.idle(3);
+    const rows = await sql.unsafe(`SELECT metric, value::text FROM ${qualified} ORDER BY metric`);
+    assert.deepEqual(rows.map((r) => [r.metric, r.value]), [["flag", "1"], ["ok", "7"]]);
+    assert.deepEqual(await allErrors(sql, schema), [
+      [name, 'number beyond 2^53 cannot be stored exactly in column "value"', "big"],
+      [name, 'value out of range for column "small" (smallint)', "range"],
+    ]);
+    await sql.unsafe(`DROP TABLE ${qualified}`);
   },
 });

@@ -15,7 +15,7 @@ import mqtt from "mqtt";
 import postgres from "postgres";
 import { type Config, loadConfig } from "../../lib/config.ts";
 import { type Level, setLogLevel } from "../../lib/log.ts";
-import { type Service, startService } from "../../lib/service.ts";
+import { type Service, type ServiceHooks, startService } from "../../lib/service.ts";
 import { PROGRESS_TABLE } from "../../lib/writer.ts";
 
 export const PG_HOST = "127.0.0.1";
@@ -358,6 +358,8 @@ export interface TestServiceOptions {
   database?: string;
   /** TS_SCHEMA; default public. */
   schema?: string;
+  /** Shorter writer timings (see ServiceHooks). */
+  writerTimings?: ServiceHooks["writerTimings"];
 }
 
 export interface BatchInfo {
@@ -429,6 +431,7 @@ export async function startTestService(options: TestServiceOptions = {}): Promis
   const service = startService(config, {
     mqtt: { received: () => void received++ },
     writer: { batch: ({ messages, rows, rejected }) => batches.push({ messages, rows, rejected }) },
+    writerTimings: options.writerTimings,
   });
   const source = `${config.mqtt.clientId}/${service.spool.epoch}`;
   let publisher: Publisher | null = null;
