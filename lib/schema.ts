@@ -100,12 +100,11 @@ export class SchemaCache {
       for (const r of rows) {
         const kind = KINDS[r.type] ?? "other";
         const sized = (r.type === "varchar" || r.type === "bpchar") && r.typmod > 4;
-        const exact = r.type in INT_RANGES;
+        const intRange = INT_RANGES[r.type];
         columns.set(r.name, {
           kind,
           maxChars: sized ? r.typmod - 4 : null,
-          ...(exact ? { exact } : {}),
-          ...(r.type in INT_RANGES ? { intRange: INT_RANGES[r.type] } : {}),
+          ...(intRange ? { intRange } : {}),
         });
       }
       info = { schema: this.schema, table, oid: rows[0]!.oid, columns };

@@ -18,13 +18,12 @@ export interface ColumnInfo {
   /** Character limit of `varchar(n)` / `char(n)` columns, else null. */
   readonly maxChars: number | null;
   /**
-   * Integer columns (smallint, integer, bigint), which hold identifiers and
-   * counts digit for digit: a JSON integer beyond 2^53 has already lost
-   * digits in JSON.parse, so it is refused rather than stored rounded.
-   * (`numeric` and `double precision` take it as the measurement it is.)
+   * Integer columns (smallint, integer, bigint): the values PostgreSQL
+   * accepts (it rounds fractions). They hold identifiers and counts digit for
+   * digit, so a JSON integer beyond 2^53, which lost digits in JSON.parse, is
+   * refused rather than stored rounded (`numeric` and `double precision` take
+   * it as the measurement it is).
    */
-  readonly exact?: boolean;
-  /** Integer columns: the values PostgreSQL accepts (it rounds fractions). */
   readonly intRange?: { readonly type: string; readonly min: number; readonly max: number };
 }
 
@@ -99,7 +98,7 @@ export function translate(msg: IrMessage, table: TableInfo | null): Translation 
   const metricLimit = table.columns.get("metric")!.maxChars;
   const valueCol = table.columns.get("value")!;
   // Only an integer value column can refuse a number (double precision takes any).
-  const checkValue = valueCol.exact === true || valueCol.intRange !== undefined;
+  const checkValue = valueCol.intRange !== undefined;
   const groups = new Map<string, RowGroup>();
   let rows = 0;
   let total = 0; // values so far (see MAX_CELLS_PER_MESSAGE)
@@ -169,10 +168,12 @@ function cellFor(value: Scalar, col: ColumnInfo, name: string): Cell | { reason:
   switch (col.kind) {
     case "number":
       if (typeof value === "number") {
-        if (col.exact && !exactInteger(value)) return { reason: inexact(name, false) };
         const r = col.intRange;
-        if (r && (value < r.min - 0.5 || value >= r.max + 0.5)) {
-          return { reason: `value out of range for column "${name}" (${r.type})` };
+        if (r) {
+          if (!exactInteger(value)) return { reason: inexact(name, false) };
+          if (value < r.min - 0.5 || value >= r.max + 0.5) {
+            return { reason: `value out of range for column "${name}" (${r.type})` };
+          }
         }
         return value;
       }

@@ -437,7 +437,7 @@ export class Writer {
       // Out of locks or past statement_timeout: halve the batch, not retry it
       // whole forever. A lone message that is still out of locks waits for the
       // server like any transient error; a lone one that keeps timing out is
-      // rejected below, after a few tries.
+      // rejected below, after about LONE_CANCEL_WAIT_MS of retries.
       if (isSizeDependent(e)) {
         if (prepared.length === 1 && !isStatementCancel(e)) throw e;
       } else if (isTransient(e)) throw e;
@@ -464,27 +464,9 @@ export class Writer {
       this.#o.schema.invalidate(one.table);
       const again = await this.#prepare(one.entry);
       if (again.ok) {
-        const budget = this.#o.loneCancelWaitMs ?? LONE_CANCEL_WAIT_MS;
-        let waited = 0;
-        for (let attempt = 1;; attempt++) {
-          try {
-            return await this.#commitChecked([again]);
-          } catch (e2) {
-            if (e2 instanceof Stopped || e2 instanceof TableReplaced) throw e2;
-            const cancelled = isStatementCancel(e2);
-            if (isTransient(e2) && !cancelled) throw e2;
-            e = e2;
-            if (!cancelled || waited >= budget) break;
-            const delay = Math.min(LONE_CANCEL_BACKOFF_MS * 2 ** (attempt - 1), 15_000);
-            waited += delay;
-            log("warn", "a message alone was cancelled (statement_timeout); trying again", {
-              app_id: one.table,
-              error: errorText(e2),
-              retry_in_ms: delay,
-            });
-            await this.#sleep(delay, { evenIfStopping: true, onlyStopWakes: true });
-          }
-        }
+        const done = await this.#commitAlone(again);
+        if ("rows" in done) return done;
+        e = done.error;
       }
       const parsed = parseMessage(one.entry.payload);
       const appId = parsed.ok ? parsed.message.appId : "";
@@ -496,6 +478,36 @@ export class Writer {
         )
         : again;
       return await this.#commitChecked([final]);
+    }
+  }
+
+  /**
+   * Commits one message on its own; a permanent error comes back as a value
+   * (the caller rejects the message). A statement_timeout is retried with
+   * backoff for about LONE_CANCEL_WAIT_MS first: a lock wait ends that way too.
+   */
+  async #commitAlone(
+    one: Prepared,
+  ): Promise<{ rows: number; rejected: number } | { error: unknown }> {
+    const budget = this.#o.loneCancelWaitMs ?? LONE_CANCEL_WAIT_MS;
+    let waited = 0;
+    for (let attempt = 1;; attempt++) {
+      try {
+        return await this.#commitChecked([one]);
+      } catch (e) {
+        if (e instanceof Stopped || e instanceof TableReplaced) throw e;
+        const cancelled = isStatementCancel(e);
+        if (isTransient(e) && !cancelled) throw e;
+        if (!cancelled || waited >= budget) return { error: e };
+        const delay = Math.min(LONE_CANCEL_BACKOFF_MS * 2 ** (attempt - 1), 15_000);
+        waited += delay;
+        log("warn", "a message alone was cancelled (statement_timeout); trying again", {
+          app_id: one.ok ? one.table : "",
+          error: errorText(e),
+          retry_in_ms: delay,
+        });
+        await this.#sleep(delay, { evenIfStopping: true, onlyStopWakes: true });
+      }
     }
   }
 
